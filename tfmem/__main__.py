@@ -1,0 +1,5 @@
+import sys
+
+from tfmem.cli import main
+
+sys.exit(main())
