@@ -5,3 +5,7 @@ from tfmem.recipe import Recipe
 
 __all__ = ["Recipe", "RecipeError", "UnsupportedModelError"]
 __version__ = "0.1.0"
+
+from tfmem.adapters.accelerate import accumulation_windows, exact_loss  # noqa: E402
+
+__all__ += ["accumulation_windows", "exact_loss"]

@@ -16,7 +16,7 @@ by the number of items in the whole accumulated batch: `summed_loss(...) / num_i
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,38 +208,11 @@ class ExactLoss:
 
 @dataclass(frozen=True)
 class AccumulationWindow:
-    """A micro-batch together with the item count of the optimizer step it belongs to."""
+    """A micro-batch together with the item count of the optimizer step (window) it belongs to.
+
+    Built by `tfmem.accumulation_windows`; `num_items` is what the whole window's loss is divided by.
+    """
 
     batch: Any
     num_items: torch.Tensor
     num_micro_batches: int
-
-
-def accumulation_windows(
-    dataloader: Iterable[Any], steps: int, *, shifts_labels: bool = False
-) -> Iterator[AccumulationWindow]:
-    """Yield micro-batches annotated with the number of loss items in their whole accumulation window.
-
-    An exact token-level loss needs, before the first backward of an optimizer step, the item count of
-    all micro-batches of that step. This looks ahead `steps` micro-batches (holding them in memory:
-    they are already-tokenized index tensors, small beside activations) and yields them one by one.
-
-    Args:
-        dataloader: yields dict batches with a `labels` entry.
-        steps: micro-batches per optimizer step (`accelerator.gradient_accumulation_steps`).
-        shifts_labels: True for causal LMs (see `loss_shifts_labels`).
-    """
-    window: list[Any] = []
-    for batch in dataloader:
-        window.append(batch)
-        if len(window) == steps:
-            yield from _emit(window, shifts_labels)
-            window = []
-    if window:  # the short window at the end of an epoch
-        yield from _emit(window, shifts_labels)
-
-
-def _emit(window: list[Any], shifts_labels: bool) -> Iterator[AccumulationWindow]:
-    num_items = sum(count_loss_items(b["labels"], shifts_labels=shifts_labels) for b in window)
-    for batch in window:
-        yield AccumulationWindow(batch=batch, num_items=num_items, num_micro_batches=len(window))

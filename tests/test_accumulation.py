@@ -1,0 +1,218 @@
+"""Gradient accumulation gives the full-batch gradient, on the Trainer path and the accelerate path.
+
+Models run in float64 so that the only difference left is summation order (relative error ~1e-15);
+the bar is 1e-9. Micro-batches hold different numbers of real tokens (masked and causal LM), and
+the epoch ends on a short accumulation window (28 samples, effective batch 16: windows of 16 and 12).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import tfmem
+from tfmem import Recipe
+from tfmem.techniques.accumulation import micro_batch_size
+
+N_SAMPLES, SEQ, VOCAB = 28, 12, 97
+EFFECTIVE_BATCH, STEPS = 16, 4
+
+
+def _bert_config(**kw):
+    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, **kw)
+
+
+def make_model(task: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if task == "classification":
+        model = BertForSequenceClassification(_bert_config(num_labels=3))
+    elif task == "masked_lm":
+        model = BertForMaskedLM(_bert_config())
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return model.double()
+
+
+def make_samples(task: str) -> dict[str, list]:
+    """Rows padded to SEQ with random real lengths, so micro-batches differ in real-token counts."""
+    g = torch.Generator().manual_seed(1)
+    rows = {"idx": [], "input_ids": [], "attention_mask": [], "labels": []}
+    for i in range(N_SAMPLES):
+        length = int(torch.randint(2, SEQ + 1, (1,), generator=g))
+        ids = torch.randint(5, VOCAB, (SEQ,), generator=g)
+        ids[length:] = 0
+        mask = (torch.arange(SEQ) < length).long()
+        if task == "classification":
+            labels = int(torch.randint(0, 3, (1,), generator=g))
+        elif task == "masked_lm":
+            chosen = (torch.rand(SEQ, generator=g) < 0.4) & mask.bool()
+            chosen[0] = True  # at least one target per row
+            labels = torch.where(chosen, ids, torch.full_like(ids, -100)).tolist()
+        else:
+            labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100)).tolist()
+        rows["idx"].append(i)
+        rows["input_ids"].append(ids.tolist())
+        rows["attention_mask"].append(mask.tolist())
+        rows["labels"].append(labels)
+    return rows
+
+
+def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([f[k] for f in features]) for k in features[0]}
+
+
+def reference_gradient(model: torch.nn.Module, samples: dict[str, list], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The gradient of the model's *own* loss over all `indices` as one batch (independent of tfmem)."""
+    model = copy.deepcopy(model)
+    model.zero_grad()
+    batch = collate([{k: samples[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in indices])
+    if isinstance(model, GPT2LMHeadModel):
+        # transformers' causal loss casts logits to float32; spell out the same mean in float64.
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1)).backward()
+    else:
+        model(**batch).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    assert got.keys() == want.keys()
+    diff = torch.sqrt(sum(((got[n] - want[n]) ** 2).sum() for n in want))
+    norm = torch.sqrt(sum((want[n] ** 2).sum() for n in want))
+    return float(diff / norm)
+
+
+class GradientRecorder(TrainerCallback):
+    """Copies the accumulated gradients right before each optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class RecordingCollator:
+    """Collates and remembers which samples each micro-batch held, in order."""
+
+    def __init__(self) -> None:
+        self.micro_batches: list[list[int]] = []
+
+    def __call__(self, features):
+        self.micro_batches.append([f["idx"] for f in features])
+        batch = collate(features)
+        del batch["idx"]
+        return batch
+
+
+def run_trainer(task: str, tmp_path, *, apply_recipe: bool = True):
+    model = make_model(task)
+    initial = copy.deepcopy(model)
+    samples = make_samples(task)
+    recorder, collator = GradientRecorder(), RecordingCollator()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=EFFECTIVE_BATCH,
+        num_train_epochs=1, learning_rate=0.0, optim="sgd", max_grad_norm=0.0, weight_decay=0.0,
+        train_sampling_strategy="sequential", remove_unused_columns=False, save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, seed=0,
+    )
+    recipe = Recipe.from_dict({"name": "acc", "gradient_accumulation_steps": STEPS})
+    if not apply_recipe:  # what a user gets from transformers alone with the same split
+        args.per_device_train_batch_size = micro_batch_size(EFFECTIVE_BATCH, STEPS)
+        args.gradient_accumulation_steps = STEPS
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(samples), data_collator=collator,
+                      callbacks=[recorder])
+    if apply_recipe:
+        recipe.apply(trainer)
+    trainer.train()
+    windows = [sum(collator.micro_batches[i:i + STEPS], []) for i in range(0, len(collator.micro_batches), STEPS)]
+    return initial, samples, recorder.steps, windows, collator.micro_batches
+
+
+@pytest.mark.parametrize("task", ["classification", "masked_lm", "causal_lm"])
+def test_trainer_accumulated_gradient_equals_full_batch_gradient(task, tmp_path):
+    initial, samples, steps, windows, micro = run_trainer(task, tmp_path)
+    assert [len(m) for m in micro] == [4] * 7, "the recipe should split the batch of 16 into micro-batches of 4"
+    assert [len(w) for w in windows] == [16, 12], "the epoch should end on a short window"
+    assert len(steps) == 2
+    for got, window in zip(steps, windows):
+        assert relative_error(got, reference_gradient(initial, samples, window)) <= 1e-9
+
+
+def test_without_tfmem_transformers_alone_gets_the_accumulated_gradient_wrong(tmp_path):
+    """Documents the failure the recipe closes: BERT accepts `num_items_in_batch` and ignores it."""
+    initial, samples, steps, windows, _ = run_trainer("classification", tmp_path, apply_recipe=False)
+    assert relative_error(steps[0], reference_gradient(initial, samples, windows[0])) > 0.5
+
+
+def run_accelerate(task: str, *, exact: bool = True):
+    model = make_model(task)
+    initial = copy.deepcopy(model)
+    samples = make_samples(task)
+    recipe = Recipe.from_dict({"name": "acc", "gradient_accumulation_steps": STEPS})
+    accelerator = Accelerator(**recipe.accelerator_kwargs(device="cpu"))
+    model = recipe.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    rows = [{k: samples[k][i] for k in samples} for i in range(N_SAMPLES)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=micro_batch_size(EFFECTIVE_BATCH, STEPS), collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps, windows, current = [], [], []
+    batches = tfmem.accumulation_windows(loader, accelerator, model) if exact else loader
+    for item in batches:
+        batch = item.batch if exact else item
+        current += batch.pop("idx").tolist()
+        with accelerator.accumulate(model):
+            outputs = model(**batch)
+            loss = tfmem.exact_loss(model, outputs, item, accelerator) if exact else outputs.loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+                windows.append(current)
+                current = []
+            optimizer.step()
+            optimizer.zero_grad()
+    return initial, samples, steps, windows
+
+
+@pytest.mark.parametrize("task", ["classification", "masked_lm", "causal_lm"])
+def test_accelerate_accumulated_gradient_equals_full_batch_gradient(task):
+    initial, samples, steps, windows = run_accelerate(task)
+    assert [len(w) for w in windows] == [16, 12], "one optimizer step per window, the last one short"
+    for got, window in zip(steps, windows):
+        assert relative_error(got, reference_gradient(initial, samples, window)) <= 1e-9
+
+
+def test_accelerate_plain_loss_is_not_exact_for_token_losses():
+    """What `exact_loss` fixes: averaging micro-batch means weights tokens unequally."""
+    initial, samples, steps, windows = run_accelerate("masked_lm", exact=False)
+    assert relative_error(steps[0], reference_gradient(initial, samples, windows[0])) > 1e-4
+
+
+def test_accumulation_windows_count_items_over_the_whole_window():
+    loader = [{"labels": torch.tensor([[1, -100], [2, 3]])}, {"labels": torch.tensor([[4, 5], [-100, -100]])},
+              {"labels": torch.tensor([[6, -100], [-100, -100]])}]
+
+    class FakeAccelerator:
+        gradient_accumulation_steps = 2
+
+    windows = list(tfmem.accumulation_windows(loader, FakeAccelerator(), torch.nn.Linear(1, 1)))
+    assert [int(w.num_items) for w in windows] == [5, 5, 1]
+    assert [w.num_micro_batches for w in windows] == [2, 2, 1]

@@ -1,0 +1,145 @@
+"""The accelerate adapter: a recipe in a plain `accelerate` training loop.
+
+    accelerator = Accelerator(**recipe.accelerator_kwargs())
+    model = recipe.prepare_model(model)                     # freeze, checkpoint
+    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    for window in tfmem.accumulation_windows(loader, accelerator, model):
+        with accelerator.accumulate(model):
+            outputs = model(**window.batch)
+            accelerator.backward(tfmem.exact_loss(model, outputs, window, accelerator))
+            optimizer.step()
+            scheduler.step()        # accelerate skips it when an fp16 step was skipped
+            optimizer.zero_grad()
+
+`accelerator.backward` divides every loss by the accumulation steps, which averages micro-batch
+*means*: exact only when every micro-batch holds the same number of items. `exact_loss` instead
+returns each micro-batch's summed loss over the item count of its whole window (times the steps,
+which accelerate divides back out), so the accumulated gradient is the full-batch gradient also for
+token-level losses and for the short window that ends an epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tfmem.errors import RecipeError
+from tfmem.techniques.accumulation import AccumulationWindow, count_loss_items, loss_shifts_labels, summed_loss
+from tfmem.techniques.precision import precision_problems
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from tfmem.recipe import Recipe
+
+
+def default_device() -> torch.device:
+    """The device accelerate will pick on this machine when not told otherwise."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None) -> dict[str, Any]:
+    """`Accelerator` keyword arguments for `recipe`, after checking its precision against the device.
+
+    Args:
+        recipe: the recipe.
+        device: where training runs; default what accelerate picks (CUDA when present).
+
+    Raises:
+        RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if problems := precision_problems(recipe.mixed_precision, device):
+        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+    kwargs: dict[str, Any] = {
+        "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "mixed_precision": recipe.mixed_precision,
+    }
+    if device.type == "cpu" and torch.cuda.is_available():
+        kwargs["cpu"] = True
+    return kwargs
+
+
+def accumulation_windows(dataloader: Iterable[Any], accelerator: Accelerator, model: nn.Module) -> Iterator[AccumulationWindow]:
+    """Yield the loader's micro-batches, each with the item count of its accumulation window.
+
+    Looks ahead up to `accelerator.gradient_accumulation_steps` micro-batches (index tensors, small
+    beside activations) so the first backward of a window already knows the window's item count.
+
+    Works with `accelerator.accumulate`: a loader prepared by accelerate flags its last batch as the end
+    of the data, which makes `accumulate` step at once. While the other micro-batches of that last window
+    run, the flag is held back, and it is raised again for the window's last micro-batch, so the
+    optimizer steps exactly once per window.
+    """
+    steps = accelerator.gradient_accumulation_steps
+    shifts = loss_shifts_labels(_unwrap(model))
+    total = _length(dataloader)
+    iterator = iter(dataloader)
+    pulled = 0
+    while True:
+        window = []
+        while len(window) < steps:
+            # Stop before asking past the last batch: that ends accelerate's view of the loader
+            # (and with it the end-of-data sync) before the window has run.
+            # (The flag is stale until the first batch of an epoch is pulled.)
+            if (total is not None and pulled >= total) or (pulled and getattr(dataloader, "end_of_dataloader", False)):
+                break
+            try:
+                window.append(next(iterator))
+            except StopIteration:
+                break
+            pulled += 1
+        if not window:
+            return
+        num_items = sum(count_loss_items(b["labels"], shifts_labels=shifts) for b in window)
+        at_end = bool(getattr(dataloader, "end_of_dataloader", False))
+        for i, batch in enumerate(window):
+            if at_end:
+                dataloader.end_of_dataloader = i == len(window) - 1  # type: ignore[attr-defined]
+            yield AccumulationWindow(batch=batch, num_items=num_items, num_micro_batches=len(window))
+        if at_end or (total is not None and pulled >= total):
+            # Let the loader finish its own iteration (accelerate resets its state there).
+            for _ in iterator:
+                pass
+            return
+
+
+def exact_loss(model: nn.Module, outputs: Any, window: AccumulationWindow, accelerator: Accelerator) -> torch.Tensor:
+    """The loss to pass to `accelerator.backward` for an exact accumulated gradient.
+
+    Args:
+        model: the (prepared) model.
+        outputs: what the model returned for `window.batch` (needs `logits`).
+        window: from `accumulation_windows`.
+        accelerator: the loop's accelerator.
+
+    Returns:
+        summed micro-batch loss / items in the window, times the accumulation steps (which
+        `accelerator.backward` divides out again), times the number of processes (DDP averages
+        gradients across processes, while the item count is taken over all of them).
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) or hasattr(outputs, "keys") else outputs[0]
+    total = summed_loss(model, logits, window.batch["labels"])
+    num_items = window.num_items.to(total.device)
+    scale = accelerator.gradient_accumulation_steps
+    if accelerator.num_processes > 1:
+        num_items = accelerator.gather(num_items.reshape(1)).sum()
+        scale *= accelerator.num_processes
+    return total * scale / num_items
+
+
+def _length(dataloader: Iterable[Any]) -> int | None:
+    try:
+        return len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model

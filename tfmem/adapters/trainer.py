@@ -1,0 +1,202 @@
+"""The Trainer adapter: a recipe into `transformers.Trainer`'s own machinery.
+
+- Accumulation: `per_device_train_batch_size` becomes the micro-batch and `gradient_accumulation_steps`
+  the recipe's, so the user's batch size stays the effective batch. A `compute_loss_func` normalises the
+  loss over the whole accumulated batch (see `tfmem.techniques.accumulation`): transformers 5.x passes
+  `num_items_in_batch` to any model whose forward takes `**kwargs` and then skips its own division by
+  the accumulation steps, but BERT-family heads accept the argument and ignore it, so without this the
+  accumulated gradient comes out `steps` times too large.
+- Mixed precision: the Trainer's `fp16`/`bf16` arguments, so its accelerator builds the GradScaler and
+  autocast, and skips the scheduler on skipped fp16 steps.
+- Checkpointing and freezing: done by tfmem on the model (`prepare_model`), because transformers'
+  own checkpointing wraps frozen layers too and refuses some families (MPNet). The Trainer's
+  `activation_checkpointing` argument is therefore left off.
+
+All checks run before anything changes: a recipe either applies whole or raises `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from tfmem.errors import RecipeError
+from tfmem.prepare import model_problems, prepare_model
+from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
+from tfmem.techniques.precision import precision_problems
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainingArguments
+
+    from tfmem.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = "_tfmem_recipe"  # set on a Trainer / TrainingArguments the recipe was applied to
+
+
+def _checkpointing_arg(args: TrainingArguments) -> str:
+    # transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing` (old name kept as an alias).
+    return "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+
+
+def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
+    """Ways `recipe` contradicts settings already made in `args`, or does not fit its device."""
+    problems = []
+    if getattr(args, _APPLIED, None):
+        problems.append(
+            f"these TrainingArguments already carry recipe {getattr(args, _APPLIED)!r}; apply a recipe to the original arguments, once."
+        )
+        return problems
+    steps = recipe.gradient_accumulation_steps
+    if steps > 1 and args.gradient_accumulation_steps != 1:
+        problems.append(
+            f"`gradient_accumulation_steps` is {steps} in the recipe and {args.gradient_accumulation_steps} in the "
+            "TrainingArguments; the recipe splits your batch itself: leave `gradient_accumulation_steps=1` in the "
+            "arguments and set `per_device_train_batch_size` to the effective batch."
+        )
+    elif steps > 1:
+        try:
+            micro_batch_size(args.per_device_train_batch_size, steps)
+        except RecipeError as e:
+            problems.extend(p.replace("the batch size", "`per_device_train_batch_size`") for p in e.problems)
+    user_precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
+    if user_precision != recipe.mixed_precision:
+        fix = "fp16=False, bf16=False" if recipe.mixed_precision == "no" else f"{recipe.mixed_precision}=True"
+        problems.append(
+            f"`mixed_precision` is {recipe.mixed_precision!r} in the recipe but the TrainingArguments ask for "
+            f"{user_precision!r}; set {fix} in the arguments (or leave both off and let the recipe decide), "
+            "or use a recipe with the precision you want."
+        )
+    name = _checkpointing_arg(args)
+    if getattr(args, name, False) and not recipe.gradient_checkpointing:
+        problems.append(
+            f"`gradient_checkpointing` is false in the recipe but `{name}=True` in the TrainingArguments; "
+            f"drop `{name}` from the arguments or use a recipe with `gradient_checkpointing: true`."
+        )
+    if recipe.gradient_accumulation_steps > 1 and args.label_smoothing_factor:
+        problems.append(
+            f"`label_smoothing_factor` is {args.label_smoothing_factor} in the TrainingArguments; tfmem's exact loss "
+            "normalisation under gradient accumulation does not implement label smoothing. Set it to 0 or use "
+            "`gradient_accumulation_steps: 1`."
+        )
+    problems += precision_problems(recipe.mixed_precision, args.device)
+    return problems
+
+
+def training_arguments(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
+    """A copy of `args` carrying the recipe's accumulation and precision (the original is not changed).
+
+    Raises:
+        RecipeError: listing every contradiction between the recipe and `args`.
+    """
+    if problems := argument_problems(recipe, args):
+        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+    return _with_recipe(recipe, args)
+
+
+def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
+    changes: dict[str, Any] = {
+        "fp16": recipe.mixed_precision == "fp16",
+        "bf16": recipe.mixed_precision == "bf16",
+        # tfmem checkpoints the model itself (frozen layers skipped, non-reentrant, every family).
+        _checkpointing_arg(args): False,
+    }
+    if recipe.gradient_accumulation_steps > 1:
+        changes["gradient_accumulation_steps"] = recipe.gradient_accumulation_steps
+        changes["per_device_train_batch_size"] = micro_batch_size(
+            args.per_device_train_batch_size, recipe.gradient_accumulation_steps
+        )
+    if hasattr(args, "gradient_checkpointing") and _checkpointing_arg(args) != "gradient_checkpointing":
+        changes["gradient_checkpointing"] = None  # the deprecated alias must not re-enable it
+    new = dataclasses.replace(args, **changes)
+    setattr(new, _APPLIED, recipe.name)
+    return new
+
+
+def loss_problems(recipe: Recipe, model: nn.Module, compute_loss_func: Any = None) -> list[str]:
+    """Whether tfmem can make the accumulated loss exact for `model` (or the user already did)."""
+    if recipe.gradient_accumulation_steps == 1 or compute_loss_func is not None or supports_exact_loss(model):
+        return []
+    return [
+        f"`gradient_accumulation_steps` is {recipe.gradient_accumulation_steps} but tfmem cannot normalise the loss of "
+        f"{type(model).__name__} exactly over the accumulated batch; pass your own "
+        "`compute_loss_func(outputs, labels, num_items_in_batch)` to the Trainer (returning the summed loss divided "
+        "by num_items_in_batch), or use `gradient_accumulation_steps: 1`."
+    ]
+
+
+def compute_loss_func(recipe: Recipe, model: nn.Module) -> ExactLoss | None:
+    """The `compute_loss_func` a Trainer needs for `recipe` (None without accumulation).
+
+    Raises:
+        RecipeError: tfmem does not know the model's loss (see `loss_problems`).
+    """
+    if recipe.gradient_accumulation_steps == 1:
+        return None
+    if problems := loss_problems(recipe, model):
+        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+    return ExactLoss(model)
+
+
+def trainer_problems(trainer: Trainer) -> list[str]:
+    """Reasons the trainer can no longer take a recipe whole."""
+    problems = []
+    if getattr(trainer, _APPLIED, None):
+        problems.append(f"recipe {getattr(trainer, _APPLIED)!r} was already applied to this Trainer; apply one recipe, once.")
+    if trainer.optimizer is not None:
+        problems.append(
+            "the Trainer's optimizer already exists, so it may hold state for parameters the recipe freezes; "
+            "call `recipe.apply(trainer)` before `trainer.train()` / `create_optimizer()`, and do not pass `optimizers=`."
+        )
+    if trainer.state.global_step > 0 or getattr(trainer, "is_in_train", False):
+        problems.append("the Trainer has already trained; apply the recipe to a new Trainer before `train()`.")
+    return problems
+
+
+def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
+    """Apply `recipe` to a constructed Trainer that has not started training; return the trainer.
+
+    Collects every problem (trainer state, argument contradictions, device, model structure, loss)
+    before changing anything, so an error leaves the trainer exactly as it was.
+
+    Raises:
+        RecipeError: listing every problem.
+    """
+    problems = trainer_problems(trainer)
+    if not problems:
+        problems += argument_problems(recipe, trainer.args)
+        problems += model_problems(trainer.model, recipe)
+        problems += loss_problems(recipe, trainer.model, trainer.compute_loss_func)
+    if problems:
+        raise RecipeError(problems, source=f"recipe {recipe.name!r} applied to the Trainer")
+
+    old_args = trainer.args
+    trainer.args = _with_recipe(recipe, old_args)
+    # The Trainer read these at construction; the recipe changes them, so they are rebuilt the way
+    # `Trainer.__init__` builds them (accelerator: mixed precision and GradScaler; batch size: the loader).
+    trainer._train_batch_size = trainer.args.train_batch_size
+    if (old_args.fp16, old_args.bf16) != (trainer.args.fp16, trainer.args.bf16) or (
+        old_args.gradient_accumulation_steps != trainer.args.gradient_accumulation_steps
+    ):
+        trainer.create_accelerator_and_postprocess()
+    prepare_model(trainer.model, recipe)
+    if recipe.gradient_accumulation_steps > 1 and trainer.compute_loss_func is None:
+        trainer.compute_loss_func = ExactLoss(trainer.model)
+        # Trainer counts `num_items_in_batch` from labels[..., 1:] only when transformers' LOSS_MAPPING names
+        # the model's loss causal; GPT-2 (`loss_type=None`) falls through and is counted unshifted, which
+        # would divide a shifted sum by the wrong count. Tell it what the loss really does.
+        if hasattr(trainer, "_loss_shifts_labels"):
+            trainer._loss_shifts_labels = loss_shifts_labels(trainer.model)
+    setattr(trainer, _APPLIED, recipe.name)
+    logger.info(
+        "tfmem: applied recipe %r (%s): micro-batch %d x %d steps",
+        recipe.name,
+        recipe.summary(),
+        trainer.args.per_device_train_batch_size,
+        trainer.args.gradient_accumulation_steps,
+    )
+    return trainer
