@@ -12,15 +12,16 @@ class RecipeError(ValueError):
         problems: one human-readable line per problem, each naming the field, the value and the fix.
     """
 
-    def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
+    def __init__(self, problems: list[str] | str, *, source: str | None = None, heading: str | None = None) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.source = source
-        where = f" in {source}" if source else ""
+        # `heading` is for recipes that are valid on their own but do not fit a trainer, model or device.
+        heading = heading or (f"Invalid recipe in {source}" if source else "Invalid recipe")
         if len(self.problems) == 1:
-            message = f"Invalid recipe{where}: {self.problems[0]}"
+            message = f"{heading}: {self.problems[0]}"
         else:
             lines = "\n".join(f"  - {p}" for p in self.problems)
-            message = f"Invalid recipe{where} ({len(self.problems)} problems):\n{lines}"
+            message = f"{heading} ({len(self.problems)} problems):\n{lines}"
         super().__init__(message)
 
 

@@ -42,7 +42,7 @@ def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
             architecture tfmem cannot read without `modules:` paths, ...).
     """
     if problems := model_problems(model, recipe):
-        raise RecipeError(problems, source=f"recipe {recipe.name!r} applied to {type(model).__name__}")
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit {type(model).__name__}")
     frozen_layers = 0
     if recipe.freeze.enabled:
         result = apply_freezing(model, recipe.freeze, recipe.modules)

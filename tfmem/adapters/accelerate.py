@@ -54,7 +54,7 @@ def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None)
     """
     device = torch.device(device) if device is not None else default_device()
     if problems := precision_problems(recipe.mixed_precision, device):
-        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit device {device}")
     kwargs: dict[str, Any] = {
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "mixed_precision": recipe.mixed_precision,

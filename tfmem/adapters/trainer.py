@@ -64,12 +64,12 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
         except RecipeError as e:
             problems.extend(p.replace("the batch size", "`per_device_train_batch_size`") for p in e.problems)
     user_precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
-    if user_precision != recipe.mixed_precision:
-        fix = "fp16=False, bf16=False" if recipe.mixed_precision == "no" else f"{recipe.mixed_precision}=True"
+    # Arguments that ask for no mixed precision leave the choice to the recipe; any other choice must agree.
+    if user_precision != "no" and user_precision != recipe.mixed_precision:
         problems.append(
             f"`mixed_precision` is {recipe.mixed_precision!r} in the recipe but the TrainingArguments ask for "
-            f"{user_precision!r}; set {fix} in the arguments (or leave both off and let the recipe decide), "
-            "or use a recipe with the precision you want."
+            f"{user_precision!r} ({user_precision}=True); leave fp16 and bf16 off in the arguments and let the "
+            "recipe decide, or use a recipe with the precision you want."
         )
     name = _checkpointing_arg(args)
     if getattr(args, name, False) and not recipe.gradient_checkpointing:
@@ -94,7 +94,7 @@ def training_arguments(recipe: Recipe, args: TrainingArguments) -> TrainingArgum
         RecipeError: listing every contradiction between the recipe and `args`.
     """
     if problems := argument_problems(recipe, args):
-        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit these TrainingArguments")
     return _with_recipe(recipe, args)
 
 
@@ -138,7 +138,7 @@ def compute_loss_func(recipe: Recipe, model: nn.Module) -> ExactLoss | None:
     if recipe.gradient_accumulation_steps == 1:
         return None
     if problems := loss_problems(recipe, model):
-        raise RecipeError(problems, source=f"recipe {recipe.name!r}")
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit {type(model).__name__}")
     return ExactLoss(model)
 
 
@@ -172,17 +172,14 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
         problems += model_problems(trainer.model, recipe)
         problems += loss_problems(recipe, trainer.model, trainer.compute_loss_func)
     if problems:
-        raise RecipeError(problems, source=f"recipe {recipe.name!r} applied to the Trainer")
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot be applied to this Trainer")
 
-    old_args = trainer.args
-    trainer.args = _with_recipe(recipe, old_args)
+    trainer.args = _with_recipe(recipe, trainer.args)
     # The Trainer read these at construction; the recipe changes them, so they are rebuilt the way
     # `Trainer.__init__` builds them (accelerator: mixed precision and GradScaler; batch size: the loader).
+    # Always rebuild the accelerator: building TrainingArguments resets accelerate's process-wide state.
     trainer._train_batch_size = trainer.args.train_batch_size
-    if (old_args.fp16, old_args.bf16) != (trainer.args.fp16, trainer.args.bf16) or (
-        old_args.gradient_accumulation_steps != trainer.args.gradient_accumulation_steps
-    ):
-        trainer.create_accelerator_and_postprocess()
+    trainer.create_accelerator_and_postprocess()
     prepare_model(trainer.model, recipe)
     if recipe.gradient_accumulation_steps > 1 and trainer.compute_loss_func is None:
         trainer.compute_loss_func = ExactLoss(trainer.model)
