@@ -17,6 +17,7 @@ The YAML/dict keys are a public contract:
     modules:                              # only for architectures tfmem cannot read by itself
       embeddings: bert.embeddings
       layers: bert.encoder.layer
+    auto_micro_batch: true                # on out-of-memory, halve the micro-batch and retry
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
 from tfmem.techniques.freezing import FreezeConfig
+from tfmem.techniques.micro_batch import AutoMicroBatchConfig
 from tfmem.techniques.precision import PrecisionConfig
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ TOP_LEVEL_KEYS = (
     "mixed_precision",
     "freeze",
     "modules",
+    "auto_micro_batch",
 )
 FREEZE_KEYS = ("embeddings", "layers")
 MODULES_KEYS = ("embeddings", "layers")
@@ -82,6 +85,7 @@ class Recipe:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     modules: ModulePaths = field(default_factory=ModulePaths)
+    micro_batch: AutoMicroBatchConfig = field(default_factory=AutoMicroBatchConfig)
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,6 +110,10 @@ class Recipe:
     @property
     def mixed_precision(self) -> str:
         return self.precision.mode
+
+    @property
+    def auto_micro_batch(self) -> bool:
+        return self.micro_batch.enabled
 
     # -- dict / YAML / JSON -----------------------------------------------------------------------
 
@@ -141,6 +149,8 @@ class Recipe:
             build("checkpointing", CheckpointingConfig, data["gradient_checkpointing"])
         if "mixed_precision" in data:
             build("precision", PrecisionConfig, data["mixed_precision"])
+        if "auto_micro_batch" in data:
+            build("micro_batch", AutoMicroBatchConfig, data["auto_micro_batch"])
         for key, known, factory in (("freeze", FREEZE_KEYS, FreezeConfig), ("modules", MODULES_KEYS, ModulePaths)):
             if key not in data or data[key] is None:
                 continue
@@ -174,6 +184,8 @@ class Recipe:
         modules = {k: getattr(self.modules, k) for k in MODULES_KEYS if getattr(self.modules, k) is not None}
         if modules:
             out["modules"] = modules
+        if self.micro_batch.enabled:
+            out["auto_micro_batch"] = True
         return out
 
     def replace(self, **changes: Any) -> Recipe:
@@ -309,6 +321,12 @@ class Recipe:
 
         return apply_recipe(self, trainer)
 
+    def micro_batch_splitter(self, model: nn.Module):
+        """A `MicroBatchSplitter` for an accelerate loop when `auto_micro_batch` is on, else None."""
+        from tfmem.techniques.micro_batch import MicroBatchSplitter
+
+        return MicroBatchSplitter(model) if self.micro_batch.enabled else None
+
     def summary(self) -> str:
         """One line naming the techniques, for tables."""
         parts = []
@@ -322,6 +340,8 @@ class Recipe:
             parts.append("freeze embeddings")
         if self.freeze.layers:
             parts.append(f"freeze {self.freeze.layers} layers")
+        if self.micro_batch.enabled:
+            parts.append("auto micro-batch")
         return ", ".join(parts) or "no techniques (baseline)"
 
 
@@ -349,6 +369,7 @@ _COMMENTS = {
     "mixed_precision": "no | fp16 | bf16; bf16 needs compute capability 8.0+ on GPU",
     "freeze": "frozen parts get no gradient and no optimizer state (changes what is learned)",
     "modules": "only for architectures tfmem cannot read by itself",
+    "auto_micro_batch": "on out-of-memory, halve the micro-batch and retry (effective batch unchanged)",
 }
 
 

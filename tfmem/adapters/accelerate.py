@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tfmem.errors import RecipeError
+from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.accumulation import AccumulationWindow, count_loss_items, loss_shifts_labels, summed_loss
 from tfmem.techniques.precision import precision_problems
 
@@ -143,3 +144,28 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
+
+
+def backward_step(
+    model: nn.Module,
+    window: AccumulationWindow,
+    accelerator: Accelerator,
+    splitter: MicroBatchSplitter | None = None,
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch with `exact_loss`; returns the detached loss.
+
+    With a `splitter` (from `recipe.micro_batch_splitter(model)`), a micro-batch that runs out of
+    memory is split in halves and retried, and later ones are split as finely (see
+    `tfmem.techniques.micro_batch`).
+    """
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        outputs = model(**batch)
+        piece = AccumulationWindow(batch=batch, num_items=window.num_items, num_micro_batches=window.num_micro_batches)
+        loss = exact_loss(model, outputs, piece, accelerator)
+        accelerator.backward(loss)
+        return loss.detach()
+
+    if splitter is None:
+        return step(window.batch)
+    return splitter.run(window.batch, step)

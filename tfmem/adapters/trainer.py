@@ -26,6 +26,7 @@ from torch import nn
 from tfmem.errors import RecipeError
 from tfmem.prepare import model_problems, prepare_model
 from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
+from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.precision import precision_problems
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
             f"`gradient_checkpointing` is false in the recipe but `{name}=True` in the TrainingArguments; "
             f"drop `{name}` from the arguments or use a recipe with `gradient_checkpointing: true`."
         )
-    if recipe.gradient_accumulation_steps > 1 and args.label_smoothing_factor:
+    if needs_exact_loss(recipe) and args.label_smoothing_factor:
         problems.append(
             f"`label_smoothing_factor` is {args.label_smoothing_factor} in the TrainingArguments; tfmem's exact loss "
             "normalisation under gradient accumulation does not implement label smoothing. Set it to 0 or use "
@@ -117,12 +118,18 @@ def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
     return new
 
 
+def needs_exact_loss(recipe: Recipe) -> bool:
+    """Accumulation, and splitting micro-batches on out-of-memory, both need the whole-batch loss."""
+    return recipe.gradient_accumulation_steps > 1 or recipe.auto_micro_batch
+
+
 def loss_problems(recipe: Recipe, model: nn.Module, compute_loss_func: Any = None) -> list[str]:
     """Whether tfmem can make the accumulated loss exact for `model` (or the user already did)."""
-    if recipe.gradient_accumulation_steps == 1 or compute_loss_func is not None or supports_exact_loss(model):
+    if not needs_exact_loss(recipe) or compute_loss_func is not None or supports_exact_loss(model):
         return []
     return [
-        f"`gradient_accumulation_steps` is {recipe.gradient_accumulation_steps} but tfmem cannot normalise the loss of "
+        f"`gradient_accumulation_steps` is {recipe.gradient_accumulation_steps}"
+        f"{' with auto_micro_batch' if recipe.auto_micro_batch else ''} but tfmem cannot normalise the loss of "
         f"{type(model).__name__} exactly over the accumulated batch; pass your own "
         "`compute_loss_func(outputs, labels, num_items_in_batch)` to the Trainer (returning the summed loss divided "
         "by num_items_in_batch), or use `gradient_accumulation_steps: 1`."
@@ -135,7 +142,7 @@ def compute_loss_func(recipe: Recipe, model: nn.Module) -> ExactLoss | None:
     Raises:
         RecipeError: tfmem does not know the model's loss (see `loss_problems`).
     """
-    if recipe.gradient_accumulation_steps == 1:
+    if not needs_exact_loss(recipe):
         return None
     if problems := loss_problems(recipe, model):
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit {type(model).__name__}")
@@ -181,13 +188,15 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
     trainer._train_batch_size = trainer.args.train_batch_size
     trainer.create_accelerator_and_postprocess()
     prepare_model(trainer.model, recipe)
-    if recipe.gradient_accumulation_steps > 1 and trainer.compute_loss_func is None:
+    if needs_exact_loss(recipe) and trainer.compute_loss_func is None:
         trainer.compute_loss_func = ExactLoss(trainer.model)
         # Trainer counts `num_items_in_batch` from labels[..., 1:] only when transformers' LOSS_MAPPING names
         # the model's loss causal; GPT-2 (`loss_type=None`) falls through and is counted unshifted, which
         # would divide a shifted sum by the wrong count. Tell it what the loss really does.
         if hasattr(trainer, "_loss_shifts_labels"):
             trainer._loss_shifts_labels = loss_shifts_labels(trainer.model)
+    if recipe.auto_micro_batch:
+        _split_on_out_of_memory(trainer)
     setattr(trainer, _APPLIED, recipe.name)
     logger.info(
         "tfmem: applied recipe %r (%s): micro-batch %d x %d steps",
@@ -197,3 +206,20 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
         trainer.args.gradient_accumulation_steps,
     )
     return trainer
+
+
+def _split_on_out_of_memory(trainer: Trainer) -> None:
+    """Route each micro-batch through a `MicroBatchSplitter`.
+
+    Trainer has no hook around one micro-batch's forward and backward, so its `training_step` is
+    wrapped on this instance (the class is untouched). Each piece still gets the window's
+    `num_items_in_batch`, so the pieces' gradients add up exactly.
+    """
+    splitter = MicroBatchSplitter(trainer.model)
+    original = trainer.training_step
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        return splitter.run(inputs, lambda piece: original(model, piece, num_items_in_batch))
+
+    trainer.training_step = training_step  # type: ignore[method-assign]
+    trainer.tfmem_micro_batch_splitter = splitter  # type: ignore[attr-defined]
