@@ -12,6 +12,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import pytest
 import torch
 
+# The tests run tiny models, where one thread beats two (thread hand-offs cost more than the math).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():

@@ -29,7 +29,8 @@ def model_problems(model: nn.Module, recipe: Recipe) -> list[str]:
         problems += freeze_problems(model, recipe.freeze, recipe.modules)
     if recipe.checkpointing.enabled:
         problems += checkpointing_problems(model, recipe.checkpointing, recipe.modules)
-    return problems
+    # Both techniques read the same structure; an unreadable model would be explained twice.
+    return list(dict.fromkeys(problems))
 
 
 def prepare_model(model: nn.Module, recipe: Recipe) -> nn.Module:
