@@ -147,3 +147,18 @@ def test_training_arguments_route_before_the_trainer_exists(tmp_path):
     assert isinstance(recipe.compute_loss_func(model), ExactLoss)
     with pytest.raises(RecipeError, match="already carry recipe 'low-memory'"):
         recipe.training_arguments(new)
+
+
+def test_problems_from_arguments_device_and_model_come_in_one_error(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=6)
+    before = snapshot(trainer)
+    recipe = Recipe.from_dict({"name": "r", "gradient_accumulation_steps": 4, "mixed_precision": "fp16",
+                               "freeze": {"embeddings": True, "layers": 5}})
+    with pytest.raises(RecipeError) as info:
+        recipe.apply(trainer)
+    text = str(info.value)
+    assert "Recipe 'r' cannot be applied to this Trainer (3 problems)" in text
+    assert "`per_device_train_batch_size` 6 does not divide" in text
+    assert "fp16 but training runs on the CPU" in text
+    assert "`freeze.layers` is 5 but" in text and "2 encoder layers" in text
+    assert snapshot(trainer) == before, "nothing may change when the recipe does not apply"
