@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tfmem import Recipe, RecipeError
-from tfmem.recipe import write_text_atomic
+from tfmem.files import write_text_atomic
 from tfmem.shipped import shipped_recipe_names, shipped_recipes_dir
 
 FULL = {
@@ -159,7 +159,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("tfmem.recipe.os.replace", fail)
+    monkeypatch.setattr("tfmem.files.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         Recipe.from_dict({"name": "new"}).to_yaml(path)
     assert path.read_text() == before

@@ -25,7 +25,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tfmem.errors import RecipeError
+from tfmem.files import write_text_atomic
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
@@ -389,24 +389,3 @@ def _commented_yaml(data: dict[str, Any]) -> str:
 def _scalar(value: Any) -> str:
     # yaml.safe_dump of a scalar quotes exactly what needs quoting (e.g. "no", which YAML would read as False).
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part.
-
-    Writes a temporary file in the same directory, flushes it to disk, then renames it over `path`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
