@@ -1,0 +1,167 @@
+"""The sweep behind `tfmem profile`: out-of-memory is a row, failures are rows, rows survive interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from tfmem.profiler import report
+from tfmem.profiler.report import RowWriter, headline
+from tfmem.profiler.sweep import SweepSpec, run_sweep
+from tfmem.recipe import Recipe
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / "tiny-bert"
+    config.save_pretrained(folder)
+    return str(folder)
+
+
+def spec(model_dir, *recipes, **kwargs) -> SweepSpec:
+    values = dict(model=model_dir, recipes=tuple(Recipe.load(r) for r in recipes), batch_size=8, seq_len=32,
+                  steps=1, warmup_steps=0, memory_steps=1, device="cpu")
+    values.update(kwargs)
+    return SweepSpec(**values)
+
+
+def test_a_recipe_out_of_memory_is_an_oom_row_and_the_sweep_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+    measured = run_sweep(spec(tiny_model_dir, "accumulate-4"))
+    base, small = (r["peak_allocated_bytes"] for r in measured)
+    assert small < base
+    limit = (base + small) // 2  # the baseline does not fit, accumulate-4 does
+
+    import weakref
+
+    from tfmem.profiler import sweep
+
+    built = []
+
+    def build_and_remember(*args, **kwargs):
+        model, source = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model, source
+
+    real_build = sweep.build_model
+    monkeypatch.setattr(sweep, "build_model", build_and_remember)
+    alive_at_next_start = []
+
+    def on_event(kind, info):
+        if kind == "start" and info["index"] == 1:
+            alive_at_next_start.append(built[0]() is not None)
+
+    rows = run_sweep(spec(tiny_model_dir, "accumulate-4", max_memory_bytes=limit), output_dir=tmp_path / "out",
+                     on_event=on_event)
+    assert alive_at_next_start == [False]  # the model that ran out of memory is released before the next recipe
+    assert [(r["recipe"], r["status"]) for r in rows] == [("baseline", "oom"), ("accumulate-4", "ok")]
+    oom = rows[0]
+    assert oom["requested_bytes"] > 0 and oom["limit_bytes"] == limit
+    assert oom["peak_allocated_bytes"] is None and oom["samples_per_second"] is None
+    assert rows[1]["peak_allocated_bytes"] == small  # same seed, same samples: the same exact peak
+    assert torch._C._len_torch_dispatch_stack() == 0
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["status"] for r in on_disk] == ["oom", "ok"]
+
+
+def test_recipes_that_cannot_run_are_error_rows_with_the_reason(tiny_model_dir):
+    rows = run_sweep(spec(tiny_model_dir, "fp16", "bert-base-8gb", "checkpointing"))
+    by_name = {r["recipe"]: r for r in rows}
+    assert by_name["fp16"]["status"] == "error"
+    assert "fp16" in by_name["fp16"]["message"] and "CPU" in by_name["fp16"]["message"]
+    assert by_name["bert-base-8gb"]["status"] == "error"  # freezes 6 layers of a 2-layer model
+    assert "layers" in by_name["bert-base-8gb"]["message"]
+    assert by_name["checkpointing"]["status"] == "ok"
+    assert by_name["checkpointing"]["memory_ratio_to_baseline"] < 1
+    assert headline(rows).startswith("checkpointing: peak ")
+
+
+def test_every_recipe_trains_the_same_effective_batch(tiny_model_dir):
+    rows = run_sweep(spec(tiny_model_dir, "accumulate-4", steps=2))
+    assert [r["micro_batch_size"] for r in rows] == [8, 2]
+    assert [r["batch_size"] for r in rows] == [8, 8]
+    assert all(r["timed_steps"] == 2 for r in rows)
+    assert rows[0]["tokens_per_second"] / rows[0]["samples_per_second"] == pytest.approx(
+        rows[1]["tokens_per_second"] / rows[1]["samples_per_second"]
+    )  # the same samples, so the same real tokens per sample
+
+
+def test_an_interrupted_sweep_keeps_its_finished_rows(tmp_path, tiny_model_dir):
+    def interrupt(kind, info):
+        if kind == "start" and info["index"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec(tiny_model_dir, "accumulate-4"), output_dir=tmp_path, on_event=interrupt)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["recipe"] for r in rows] == ["baseline"]
+    assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("baseline,ok,")
+
+
+def test_a_failed_write_leaves_the_previous_results_whole(tmp_path, monkeypatch):
+    writer = RowWriter(tmp_path)
+    first = [{"recipe": "baseline", "status": "ok", "peak_allocated_bytes": 10}]
+    writer.write(first)
+    before = (tmp_path / "results.json").read_text()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("tfmem.recipe.os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        writer.write(first + [{"recipe": "checkpointing", "status": "ok", "peak_allocated_bytes": 5}])
+    assert (tmp_path / "results.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]  # no temporary left
+
+
+def test_rows_have_the_keys_other_programs_read():
+    row = report.normalise({"recipe": "x", "status": "ok"})
+    assert set(report.REQUIRED_KEYS) <= set(row)
+
+
+def test_bad_settings_are_refused_with_the_flag_named(tiny_model_dir):
+    with pytest.raises(ValueError, match="--batch-size must be a positive"):
+        spec(tiny_model_dir, batch_size=0)
+    with pytest.raises(ValueError, match="--device 'tpu'"):
+        spec(tiny_model_dir, device="tpu")
+
+
+@pytest.fixture
+def model_dir_with_tokenizer(tiny_model_dir):
+    from pathlib import Path
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(100)]
+    (Path(tiny_model_dir) / "vocab.txt").write_text("\n".join(words) + "\n")
+    return tiny_model_dir
+
+
+def test_a_dataset_file_is_profiled_with_its_real_lengths(tmp_path, model_dir_with_tokenizer):
+    from transformers import AutoTokenizer
+
+    from tfmem.profiler.batches import dataset_samples
+    from tfmem.profiler.sweep import _steps
+
+    lengths = [3, 40, 7, 12, 5, 9, 30, 4] * 2  # words per text
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "\n".join(f"{' '.join(['w1'] * n)},{i % 2}" for i, n in enumerate(lengths)) + "\n")
+    s = spec(model_dir_with_tokenizer, "accumulate-4", dataset=str(data), batch_size=4, seq_len=64,
+             memory_steps=2, steps=2)
+    rows = run_sweep(s)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+
+    samples = dataset_samples(data, AutoTokenizer.from_pretrained(model_dir_with_tokenizer), 16, 64)
+    ordered = _steps(samples, s)
+    # Steps of 4 texts: words [3, 40, 7, 12], [5, 9, 30, 4], then the same again. The memory window gets
+    # both steps holding the 40-word text (42 tokens with [CLS] and [SEP]), where a real run peaks...
+    assert [max(len(x.input_ids) for x in group) for group in ordered] == [42, 42, 32, 32]
+    # ...and tokens/s counts the real tokens of the timed steps, not a padded length.
+    timed = [x for group in ordered[s.memory_steps + s.warmup_steps :] for x in group]
+    per_sample = sum(len(x.input_ids) for x in timed) / len(timed)
+    for row in rows:
+        assert row["tokens_per_second"] / row["samples_per_second"] == pytest.approx(per_sample)

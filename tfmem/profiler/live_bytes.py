@@ -1,0 +1,341 @@
+"""Exact accounting of live tensor bytes, for CPU runs and for fake (meta) tensors.
+
+PyTorch's CUDA allocator keeps peak statistics; the CPU allocator keeps none, and the process's
+resident memory mixes tensors with the interpreter, libraries and whatever malloc keeps for reuse.
+`LiveBytes` answers "how many bytes of tensors did this run hold at its worst moment?" exactly, by
+watching every operator through a `TorchDispatchMode`:
+
+- Each tensor an operator returns is resolved to its storage. A storage is counted once, however
+  many views share it, with `nbytes()` bytes; a `weakref.finalize` on the storage subtracts them when
+  the last tensor using it dies. In-place and `out=` ops return a storage already known, so they add
+  nothing unless they resized it (`resize_`, an `out=` tensor grown to fit), in which case the
+  difference is added.
+- Storages of tensors that existed before (parameters, buffers, optimizer state, inputs) are counted
+  from the moment `track()` is given them, or the first time an operator reads them.
+- Backward is seen too: the autograd engine carries the dispatch-mode stack into the thread that runs
+  backward, and recomputation under non-reentrant checkpointing runs ordinary operators.
+- Fake tensors (`torch._subclasses.fake_tensor.FakeTensorMode`) have meta storages with the real
+  `nbytes()`, so the same accounting predicts a peak without allocating it. Enter `FakeTensorMode`
+  first and `LiveBytes` second (innermost), so `LiveBytes` sees the fake outputs.
+
+The peak is split into parameters (with buffers), gradients, optimizer state and activations
+(everything else: activations, temporaries, inputs). At the first decrease after a new peak the live
+set is exactly the peak's, and a copy of it is kept (storage serial numbers and sizes only: nothing is
+read from tensors there, since that moment can fall inside PyTorch freeing one). Roles come from
+`track()` and from hooks on the tracked model and optimizer: a storage is a gradient once autograd
+stores it in a parameter's `.grad`, optimizer state once it is in the optimizer's `state` after a step.
+
+Public API:
+
+    tracker = LiveBytes(limit_bytes=None)      # limit_bytes: raise CpuOutOfMemoryError above it
+    tracker.track(model, optimizer, batch)     # count existing tensors; models/optimizers also
+                                               # name the parameters, gradients and optimizer state
+    with tracker:                              # every op inside is accounted
+        loss = model(**batch).loss; loss.backward(); optimizer.step()
+    tracker.peak_bytes                         # int: the most live tensor bytes at any moment
+    tracker.current_bytes                      # int: live tensor bytes now (while inside)
+    tracker.peak_breakdown                     # {"parameters": .., "gradients": .., "optimizer_state": ..,
+                                               #  "activations": ..}, bytes, summing to peak_bytes
+    tracker.reset_peak()                       # start a new measured window at the current level
+    tracker.requested_bytes                    # bytes of the op output that crossed limit_bytes, or None
+
+    CpuOutOfMemoryError                        # a torch.OutOfMemoryError: one `except` serves CUDA and CPU
+    storage_key(tensor) -> int | None          # identity of a tensor's storage (None: no storage)
+    storage_bytes(*tensors) -> int             # independent count: bytes of the distinct storages
+
+Leaving the `with` block stops the accounting (finalizers are detached, so nothing keeps a reference
+to the tracker); the figures stay readable. A tracker is used for one window.
+
+Not seen: memory that is not a tensor storage (the allocator's caches, library workspaces, Python
+objects), storages resized directly through `untyped_storage().resize_()`, and tensors made by
+threads the run starts itself (data-loader workers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+logger = logging.getLogger(__name__)
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+
+
+class CpuOutOfMemoryError(torch.OutOfMemoryError):
+    """Live tensor bytes went above the `limit_bytes` a `LiveBytes` tracker was given.
+
+    A subclass of `torch.OutOfMemoryError`, so code that survives a CUDA out-of-memory survives this.
+
+    Attributes:
+        requested_bytes: bytes of the operator output that crossed the limit.
+        live_bytes: live tensor bytes including that output.
+        limit_bytes: the limit.
+    """
+
+    def __init__(self, requested_bytes: int, live_bytes: int, limit_bytes: int) -> None:
+        self.requested_bytes = requested_bytes
+        self.live_bytes = live_bytes
+        self.limit_bytes = limit_bytes
+        super().__init__(
+            f"tfmem: tried to allocate {_mib(requested_bytes)} with {_mib(live_bytes - requested_bytes)} of tensors "
+            f"live, above the limit of {_mib(limit_bytes)} (max_memory); raise the limit or use a lower-memory recipe."
+        )
+
+    def __reduce__(self):  # picklable across processes
+        return (type(self), (self.requested_bytes, self.live_bytes, self.limit_bytes))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def storage_key(tensor: torch.Tensor) -> int | None:
+    """The identity of `tensor`'s storage (views share it), or None for tensors without one (sparse, nested).
+
+    Example:
+        >>> t = torch.zeros(4)
+        >>> storage_key(t) == storage_key(t[1:])
+        True
+    """
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def storage_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the distinct storages behind `tensors`: an independent count to check `LiveBytes` against.
+
+    Example:
+        >>> t = torch.zeros(4)  # float32: 16 bytes
+        >>> storage_bytes(t, t[1:], t.view(2, 2))
+        16
+    """
+    seen: dict[int, int] = {}
+    for t in tensors:
+        key = storage_key(t)
+        if key is not None:
+            seen[key] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages and their peak, operator by operator.
+
+    See the module docstring for what is counted and how.
+
+    Args:
+        limit_bytes: raise `CpuOutOfMemoryError` from the operator whose output takes live bytes above
+            this (a simulated device capacity, so out-of-memory handling can be exercised on a CPU).
+        track_inputs: also count storages that operators read but that were made before tracking began
+            (parameters, inputs) from their first use. Turn off to count only what `track()` was given
+            and what operators create.
+
+    Example:
+        >>> a = torch.zeros(256)                 # 1 KiB, made before tracking
+        >>> with LiveBytes() as tracker:
+        ...     b = a * 2                        # +1 KiB
+        ...     del b                            # -1 KiB
+        ...     c = torch.ones(128)              # +512 B
+        >>> tracker.peak_bytes, tracker.current_bytes
+        (2048, 1536)
+    """
+
+    def __init__(self, *, limit_bytes: int | None = None, track_inputs: bool = True) -> None:
+        super().__init__()
+        if limit_bytes is not None and (not isinstance(limit_bytes, int) or limit_bytes <= 0):
+            raise ValueError(f"`limit_bytes` must be a positive number of bytes or None, got {limit_bytes!r}.")
+        self.limit_bytes = limit_bytes
+        self.track_inputs = track_inputs
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.requested_bytes: int | None = None
+        # storage key -> [nbytes, finalizer, serial]. The serial names a storage for its whole life and
+        # is never reused (a freed storage's address is), so roles and the peak's live set use it.
+        self._live: dict[int, list[Any]] = {}
+        self._serials = itertools.count()
+        self._roles: dict[int, str] = {}          # serial -> "parameters" | "gradients" | "optimizer_state"
+        self._peak_live: dict[int, int] = {}      # serial -> bytes, the live set at the peak
+        self._peak_pending = False                # a new peak whose live set is not yet copied
+        self._lock = threading.RLock()  # re-entrant: a finalizer can fire inside our own bookkeeping
+        self._hooks: list[Any] = []
+        self._closed = False
+
+    # -- seeding --------------------------------------------------------------------------------
+
+    def track(self, *objects: Any) -> None:
+        """Count tensors that already exist, from now on.
+
+        Args:
+            objects: tensors; modules (their parameters, buffers and gradients); optimizers (their state);
+                or lists, tuples and dicts of these. For modules and optimizers the tracker also learns which
+                storages are parameters (buffers count with them), gradients and optimizer state, through
+                hooks that run as gradients are accumulated and after each optimizer step.
+        """
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                for p in obj.parameters():
+                    self._add_tensor(p, "parameters")
+                    if p.grad is not None:
+                        self._add_tensor(p.grad, "gradients")
+                    if p.requires_grad:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                for b in obj.buffers():
+                    self._add_tensor(b, "parameters")
+            elif isinstance(obj, torch.optim.Optimizer):
+                # accelerate (and others) wrap the optimizer; hooks belong on the one that steps.
+                while isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer):
+                    obj = obj.optimizer
+                self._on_optimizer_step(obj)
+                self._hooks.append(obj.register_step_post_hook(self._on_optimizer_step))
+            elif isinstance(obj, torch.Tensor):
+                self._add_tensor(obj)
+            elif isinstance(obj, Mapping):
+                self.track(*obj.values())
+            elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+                self.track(*obj)
+        self._note_peak()
+
+    # -- the figures ----------------------------------------------------------------------------
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        """The peak split into CATEGORIES, in bytes; the values sum to `peak_bytes`.
+
+        A storage counts in the role it had, or took on later in the window (a gradient computed in
+        backward before it was stored in `.grad`, an optimizer moment made inside the step).
+        """
+        with self._lock:
+            if self._peak_pending and self.current_bytes == self.peak_bytes:
+                self._copy_peak()
+            split = dict.fromkeys(CATEGORIES, 0)
+            for serial, nbytes in self._peak_live.items():
+                split[self._roles.get(serial, "activations")] += nbytes
+            return split
+
+    def reset_peak(self) -> None:
+        """Start a new measured window: the peak becomes the current live bytes."""
+        with self._lock:
+            self.peak_bytes = self.current_bytes
+            self._peak_pending = True
+
+    # -- the dispatch mode ----------------------------------------------------------------------
+
+    def __enter__(self):
+        if self._closed:
+            raise RuntimeError("a LiveBytes tracker measures one window; make a new one for the next.")
+        return super().__enter__()
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            return super().__exit__(exc_type, exc, tb)
+        finally:
+            self._close()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.track_inputs:
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor):
+                    self._add_tensor(t)
+        out = func(*args, **kwargs)
+        added = 0
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                added += self._add_tensor(t)
+        if added > 0:
+            self._note_peak()
+            if self.limit_bytes is not None and self.current_bytes > self.limit_bytes:
+                self.requested_bytes = added
+                raise CpuOutOfMemoryError(added, self.current_bytes, self.limit_bytes)
+        return out
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _add_tensor(self, t: torch.Tensor, role: str | None = None) -> int:
+        """Count `t`'s storage if new, or its growth if resized; return the bytes added (may be negative)."""
+        if self._closed:
+            return 0
+        try:
+            storage = t.untyped_storage()
+            nbytes = storage.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return 0  # no storage to count (sparse, nested, some wrapper subclasses)
+        key = storage._cdata
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is None:
+                finalizer = weakref.finalize(storage, self._on_free, key)
+                finalizer.atexit = False
+                entry = self._live[key] = [nbytes, finalizer, next(self._serials)]
+                delta = nbytes
+            else:
+                delta = nbytes - entry[0]
+                if delta < 0:
+                    self._before_decrease()
+                entry[0] = nbytes
+            self.current_bytes += delta
+            if role is not None and self._roles.get(entry[2]) != "parameters":
+                self._roles[entry[2]] = role
+            return delta
+
+    def _on_free(self, key: int) -> None:
+        # Runs while PyTorch deallocates a storage, possibly in the middle of assigning a tensor
+        # attribute (`p.grad = None`): touch no tensor here, only our own dicts.
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is None:
+                return
+            self._before_decrease()
+            del self._live[key]
+            self.current_bytes -= entry[0]
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._add_tensor(param.grad, "gradients")
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        for t in _optimizer_tensors(optimizer):
+            self._add_tensor(t, "optimizer_state")
+
+    def _note_peak(self) -> None:
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self._peak_pending = True
+
+    def _before_decrease(self) -> None:
+        # Live bytes are about to fall. If they stand at a peak whose live set is not yet copied, the
+        # live set now is exactly the peak's: copy it before it changes.
+        if self._peak_pending and self.current_bytes == self.peak_bytes:
+            self._copy_peak()
+
+    def _copy_peak(self) -> None:
+        self._peak_live = {entry[2]: entry[0] for entry in self._live.values()}
+        self._peak_pending = False
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._peak_pending and self.current_bytes == self.peak_bytes:
+                self._copy_peak()
+            self._closed = True
+            for _, finalizer, _ in self._live.values():
+                finalizer.detach()
+            self._live.clear()
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks.clear()
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = []
+    for state in list(optimizer.state.values()):
+        if isinstance(state, Mapping):
+            out += [v for v in list(state.values()) if isinstance(v, torch.Tensor)]
+    return out
