@@ -12,20 +12,16 @@ cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 
-if [ ! -d .venv ]; then
-  python3 -m venv .venv
-fi
-. .venv/bin/activate
-python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || {
-  # The GPU machine needs a CUDA build of torch; the pinned CPU build cannot see the GPU.
-  pip install -q --upgrade pip && pip install -q torch && pip install -q -e '.[dev]'
-}
-python -c "import tfmem" 2>/dev/null || pip install -q -e '.[dev]'
+# The GPU machines have their own PyTorch, transformers and accelerate (CUDA builds) and no network:
+# run from the source tree with that python rather than installing anything.
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'" || exit 2
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv | tee "$out/gpu.txt"
 
 status=0
-python -m pytest -m cuda -v -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.txt" || status=1
-python benchmarks/profiler_overhead.py --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --steps 20 2>&1 | tee "$out/profiler-overhead-cuda.txt" || status=1
-tfmem profile --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --output "$out/profile" 2>&1 | tee "$out/profile-cuda.txt" || status=1
-python benchmarks/estimate_accuracy.py --device cuda 2>&1 | tee "$out/estimate-accuracy-cuda.txt" || status=1
+$PY -m pytest -m cuda -v -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.txt" || status=1
+$PY benchmarks/profiler_overhead.py --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --steps 20 2>&1 | tee "$out/profiler-overhead-cuda.txt" || status=1
+$PY -m tfmem profile --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --output "$out/profile" 2>&1 | tee "$out/profile-cuda.txt" || status=1
+$PY benchmarks/estimate_accuracy.py --device cuda 2>&1 | tee "$out/estimate-accuracy-cuda.txt" || status=1
 exit $status

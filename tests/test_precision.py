@@ -94,7 +94,6 @@ def test_real_gpu_precision_check_matches_its_capability():
 
 @pytest.mark.cuda
 def test_real_trainer_fp16_skipped_step_keeps_the_schedule(tmp_path):
-    from datasets import Dataset
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
     model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
@@ -107,7 +106,9 @@ def test_real_trainer_fp16_skipped_step_keeps_the_schedule(tmp_path):
                 next(model.parameters()).grad.fill_(float("inf"))
                 poisoned["done"] = True
 
-    data = Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 16, "attention_mask": [[1] * 4] * 16, "labels": [0, 1] * 8})
+    # A plain list: the GPU machines may lack `datasets`.
+    data = [{"input_ids": torch.tensor([1, 2, 3, 4]), "attention_mask": torch.ones(4, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(16)]
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, report_to=[],
                              learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=0.0, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PoisonFirstStep()])
