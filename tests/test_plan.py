@@ -1,0 +1,112 @@
+"""plan: keeps the effective batch, never freezes unless allowed, says when nothing fits, writes a loadable recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import BertConfig
+
+from tfmem.cli import main
+from tfmem.estimate import estimate_memory
+from tfmem.estimate.device import device_profile
+from tfmem.estimate.plan import plan
+from tfmem.recipe import Recipe
+
+MiB = 2**20
+
+
+def cfg() -> BertConfig:
+    return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=500, max_position_embeddings=128, num_labels=2)
+
+
+def test_plan_keeps_effective_batch_and_fits():
+    base = estimate_memory(cfg(), None, 8, 128, device="cuda")
+    budget = base.reserved_bytes - base.activations_bytes // 2  # the baseline does not fit
+    p = plan(cfg(), 8, 128, budget, "cuda", overhead_bytes=0)
+    assert p.chosen is not None and p.fitting
+    for c in p.fitting:
+        assert c.estimate.micro_batch_size * c.recipe.gradient_accumulation_steps == 8
+        assert c.needed_bytes <= budget
+        assert not c.recipe.freeze.enabled
+    assert p.chosen_estimate.peak_bytes <= budget
+    times = [c.relative_time for c in p.fitting]
+    assert times == sorted(times)
+
+
+def test_plan_never_freezes_without_permission_and_may_with_it():
+    tight = 1 * MiB
+    p = plan(cfg(), 2, 32, tight, "cuda", overhead_bytes=0, verify=False)
+    assert all(not c.recipe.freeze.enabled for c in p.fitting + p.not_fitting)
+    allowed = plan(cfg(), 2, 32, tight, "cuda", overhead_bytes=0, allow_freeze=2, verify=False)
+    assert any(c.recipe.freeze.enabled for c in allowed.fitting + allowed.not_fitting)
+
+
+def test_plan_precision_follows_the_device():
+    t4 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="t4"), verify=False)
+    assert {c.recipe.mixed_precision for c in t4.fitting} == {"no", "fp16"}
+    a100 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="a100"), verify=False)
+    assert {c.recipe.mixed_precision for c in a100.fitting} == {"no", "bf16"}
+
+
+def test_nothing_fits_says_so_and_names_the_closest(capsys):
+    rc = main(["plan", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--budget", "1MiB"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "Nothing fits" in out and "Closest:" in out
+
+
+def test_plan_writes_a_recipe_that_loads(tmp_path, capsys):
+    path = tmp_path / "planned.yaml"
+    rc = main(["plan", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "32", "--budget", "2GiB",
+               "--output", str(path), "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    recipe = Recipe.from_yaml(path)
+    assert recipe.to_dict() == data["chosen"]["recipe"]
+    assert data["chosen"]["micro_batch_size"] * recipe.gradient_accumulation_steps == 2
+
+
+def test_chosen_recipe_measures_within_5_percent_of_its_prediction():
+    # Plan for the CPU, then train the chosen recipe for real under the profiler and compare.
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tfmem.profiler.session import Profiler
+    from tfmem.techniques.precision import autocast_dtype
+
+    full = estimate_memory(cfg(), None, 8, 64, device="cpu").peak_bytes
+    p = plan(cfg(), 8, 64, int(full * 0.8), "cpu")
+    assert p.chosen is not None
+    recipe = p.chosen.recipe
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg(), attn_implementation="sdpa")
+    recipe.prepare_model(model)
+    model.train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    micro = 8 // recipe.gradient_accumulation_steps
+    batch = {"input_ids": torch.randint(0, 500, (micro, 64)), "attention_mask": torch.ones(micro, 64, dtype=torch.long),
+             "labels": torch.zeros(micro, dtype=torch.long)}
+    cast = autocast_dtype(recipe.mixed_precision)
+    profiler = Profiler(model, opt, device="cpu", memory_steps=2, warmup_steps=0)
+    for _ in range(2):
+        with profiler.step():
+            for _ in range(recipe.gradient_accumulation_steps):
+                with torch.autocast("cpu", dtype=cast or torch.bfloat16, enabled=cast is not None):
+                    loss = model(**batch).loss
+                loss.backward()
+                del loss
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    measured = profiler.metrics()["tfmem/peak_allocated_bytes"]
+    predicted = p.chosen_estimate.peak_bytes
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+    assert measured <= p.budget_bytes
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError, match="allow-freeze"):
+        plan(cfg(), 4, 32, 10**9, "cuda", allow_freeze=9)
+    with pytest.raises(ValueError, match="budget"):
+        plan(cfg(), 4, 32, 0, "cuda")
