@@ -16,6 +16,18 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A local model directory (config only: weights are random) for the CLI and the sweep."""
+    from transformers import BertConfig
+
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / "tiny-bert"
+    config.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one AcceleratorState per process; a test that asks for bf16 must not leak it."""

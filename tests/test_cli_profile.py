@@ -7,21 +7,9 @@ import json
 
 import pytest
 import torch
-import transformers as tf
 
 from tfmem.cli import main
 from tfmem.profiler.report import REQUIRED_KEYS
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=64)
-    folder = tmp_path / "tiny-bert"
-    config.save_pretrained(folder)
-    return str(folder)
 
 
 def profile(*args: str) -> int:

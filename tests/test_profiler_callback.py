@@ -8,7 +8,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tfmem.profiler import MemoryProfilerCallback
 
-torch.set_num_threads(1)
 
 SEQ = 24
 

@@ -6,23 +6,11 @@ import json
 
 import pytest
 import torch
-import transformers as tf
 
 from tfmem.profiler import report
 from tfmem.profiler.report import RowWriter, headline
 from tfmem.profiler.sweep import SweepSpec, run_sweep
 from tfmem.recipe import Recipe
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=64)
-    folder = tmp_path / "tiny-bert"
-    config.save_pretrained(folder)
-    return str(folder)
 
 
 def spec(model_dir, *recipes, **kwargs) -> SweepSpec:
