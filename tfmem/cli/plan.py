@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
                   f"({format_bytes(result.overhead_bytes)} kept for the CUDA context)" if result.overhead_bytes else
                   f"[bold]{result.model}[/], batch {result.batch_size} x seq {result.seq_len}, budget "
                   f"{format_bytes(result.budget_bytes)} on {result.device}")
+    if profile.type == "cuda" and profile.capability is None:
+        # bf16 is searched only where the card has it; without a card named we cannot know.
+        console.print("No --gpu or --gpu-capability given: assuming bf16 is available (compute capability 8.0+). "
+                      "On a V100, T4 or RTX 20xx pass --gpu (e.g. --gpu t4) to plan with fp16 instead.")
     table = Table(title="Recipes that fit, fastest first" if result.fitting else "Nothing fits")
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("recipe")
