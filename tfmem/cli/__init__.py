@@ -11,6 +11,7 @@ from tfmem.errors import RecipeError, UnsupportedModelError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tfmem import __version__
     from tfmem.cli import estimate, plan, profile, recipes
 
     parser = argparse.ArgumentParser(
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory recipes, a profiler and a planner for fine-tuning BERT-family models on small GPUs.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what tfmem does (INFO level)")
+    parser.add_argument("--version", action="version", version=f"tfmem {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (recipes, profile, estimate, plan):
         module.add_parser(sub)
