@@ -96,6 +96,12 @@ def training_arguments(recipe: Recipe, args: TrainingArguments) -> TrainingArgum
     """
     if problems := argument_problems(recipe, args):
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit these TrainingArguments")
+    if recipe.auto_micro_batch:
+        # Splitting wraps the Trainer's training step, which does not exist yet on this route.
+        logger.warning(
+            "tfmem: recipe %r has auto_micro_batch, which needs the Trainer itself: call recipe.apply(trainer) "
+            "instead of building the Trainer from recipe.training_arguments(args).", recipe.name
+        )
     return _with_recipe(recipe, args)
 
 
