@@ -5,7 +5,8 @@
 #    CUDA allocator figures of the profiler);
 # 2. the profiler's overhead on CUDA (goal: at most 1% of step time);
 # 3. `tfmem profile` of bert-base at sequence length 512 on the GPU;
-# 4. the estimator's accuracy against torch.cuda.max_memory_allocated.
+# 4. the estimator's accuracy against torch.cuda.max_memory_allocated;
+# 5. the planner's speed model against measured step times per recipe.
 # Record what it prints in the README ("Measured on a GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,5 @@ $PY -m pytest -m cuda -v -p no:cacheprovider 2>&1 | tee "$out/pytest-cuda.txt" |
 $PY benchmarks/profiler_overhead.py --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --steps 20 2>&1 | tee "$out/profiler-overhead-cuda.txt" || status=1
 $PY -m tfmem profile --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 --output "$out/profile" 2>&1 | tee "$out/profile-cuda.txt" || status=1
 $PY benchmarks/estimate_accuracy.py --device cuda 2>&1 | tee "$out/estimate-accuracy-cuda.txt" || status=1
+$PY benchmarks/speed_model.py --device cuda --model bert-base-uncased --batch-size 32 --seq-len 512 2>&1 | tee "$out/speed-model-cuda.txt" || status=1
 exit $status

@@ -208,6 +208,77 @@ def test_gradients_freed_by_zero_grad_at_a_peak_are_split_safely():
     assert sum(split.values()) == tracker.peak_bytes
 
 
+def _to_512(n: int) -> int:
+    return -(-n // 512) * 512  # the CUDA caching allocator's block rounding
+
+
+def test_size_of_sets_the_bytes_counted_for_every_storage():
+    model = nn.Linear(30, 1)  # weight 120 bytes, bias 4: 512 counted each
+    with LiveBytes(size_of=_to_512) as tracker:
+        tracker.track(model)
+        a = torch.zeros(3)                         # 12 -> 512
+        b = torch.ones(200)                        # 800 -> 1024
+        c = torch.empty(0)                         # 0 -> 0
+        torch.add(b, 1, out=c)                     # resized to 800 -> 1024
+        counted = tracker.current_bytes
+        del a
+        after_free = tracker.current_bytes
+    assert counted == tracker.peak_bytes == 2 * 512 + 512 + 1024 + 1024
+    assert after_free == counted - 512
+    assert tracker.peak_breakdown == {"parameters": 1024, "gradients": 0, "optimizer_state": 0, "activations": 2560}
+    # The limit is in counted bytes too: two 4-byte tensors cost 1024.
+    with pytest.raises(CpuOutOfMemoryError) as caught:
+        with LiveBytes(limit_bytes=1000, size_of=_to_512):
+            kept = [torch.zeros(1), torch.zeros(1)]  # noqa: F841
+    assert caught.value.requested_bytes == 512 and caught.value.live_bytes == 1024
+
+
+def test_observer_hears_each_storage_counted_and_freed_in_matching_pairs():
+    events: list[tuple[str, int, int]] = []
+
+    def balance() -> int:
+        return sum(n if kind == "alloc" else -n for kind, _, n in events)
+
+    class Log:
+        def on_alloc(self, key: int, nbytes: int) -> None:
+            events.append(("alloc", key, nbytes))
+            assert tracker.current_bytes == balance(), "the tracker's figures should already include it"
+
+        def on_free(self, key: int, nbytes: int) -> None:
+            events.append(("free", key, nbytes))  # integers only: this runs inside PyTorch's deallocation
+
+    tracker = LiveBytes(observer=Log())
+    with tracker:
+        model = nn.Linear(64, 64)
+        model(torch.randn(8, 64)).sum().backward()
+        grads = {storage_key(p.grad): storage_bytes(p.grad) for p in model.parameters()}
+        y = torch.empty(0)
+        y.resize_(100)                             # a resize: the old 0 bytes freed, 400 allocated
+        resize = events[-2:]
+        model.zero_grad(set_to_none=True)          # gradients freed from inside `p.grad = None`
+        freed_by_zero_grad = {key: n for kind, key, n in events if kind == "free" and key in grads}
+        del model, y
+    assert [(kind, n) for kind, _, n in resize] == [("free", 0), ("alloc", 400)] and resize[0][1] == resize[1][1]
+    assert freed_by_zero_grad == grads
+    live: dict[int, int] = {}  # keys are addresses, reused after a free: pair events by order
+    for kind, key, nbytes in events:
+        if kind == "alloc":
+            assert key not in live
+            live[key] = nbytes
+        else:
+            assert live.pop(key) == nbytes
+    assert live == {}
+    assert balance() == tracker.current_bytes == 0
+    assert len(events) > 10
+
+
+def test_extension_points_are_checked():
+    with pytest.raises(TypeError, match="`size_of` must be a function"):
+        LiveBytes(size_of=512)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`observer` must have `on_alloc"):
+        LiveBytes(observer=object())  # type: ignore[arg-type]
+
+
 def test_the_profiler_docstring_examples_run():
     import doctest
 

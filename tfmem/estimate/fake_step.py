@@ -4,8 +4,8 @@ The model is built from its configuration under `FakeTensorMode`: every paramete
 gradient has its real shape, dtype and byte count but no data, so a bert-large step at batch 32 costs
 the same few seconds as one at batch 1, and nothing is allocated. The step is the one a training loop
 runs, with the recipe applied by the same code training uses (`Recipe.prepare_model` freezes and
-checkpoints), and the profiler's `LiveBytes` accounting watches it (through `DeviceLiveBytes`, which
-adds the CUDA allocator's rounding).
+checkpoints), and the profiler's `LiveBytes` accounting watches it (with the CUDA allocator's rounding
+and an allocation log for the reserved figure, see tracking.py).
 
 The step measured is a steady-state one, the worst micro-batch of an optimizer step:
 
@@ -35,7 +35,8 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from tfmem.estimate.allocator import simulate
 from tfmem.estimate.attention import implementation_for
 from tfmem.estimate.device import DeviceProfile
-from tfmem.estimate.tracking import DeviceLiveBytes
+from tfmem.estimate.tracking import AllocationLog, device_live_bytes
+from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.recipe import Recipe
 from tfmem.techniques.precision import autocast_dtype
 
@@ -148,8 +149,8 @@ def run_fake_step(
                 p.grad = torch.zeros_like(p)
         batch = _batch(model, config, micro_batch_size, seq_len)
 
-    tracker = DeviceLiveBytes(round_sizes=device.rounds_allocations,
-                              record_events=record_reserved and device.rounds_allocations)
+    log = AllocationLog() if record_reserved and device.rounds_allocations else None
+    tracker = device_live_bytes(device, log)
     tracker.track(model, optimizer, batch)
     per_module: dict[str, int] = {}
     hooks = _module_hooks(model, tracker, per_module)
@@ -181,7 +182,7 @@ def run_fake_step(
             optimizer.zero_grad(set_to_none=True)
     finally:
         hooks.remove()
-    reserved = simulate(tracker.events).peak_reserved_bytes if tracker.events is not None else None
+    reserved = simulate(log.events).peak_reserved_bytes if log is not None else None
     return StepMemory(
         phases=phases,
         per_module=per_module,
@@ -267,7 +268,7 @@ class _Hooks:
             h.remove()
 
 
-def _module_hooks(model: nn.Module, tracker: DeviceLiveBytes, out: dict[str, int]) -> _Hooks:
+def _module_hooks(model: nn.Module, tracker: LiveBytes, out: dict[str, int]) -> _Hooks:
     hooks = _Hooks()
     start: dict[str, int] = {}
     for name, module in top_modules(model):
@@ -289,7 +290,7 @@ def _module_hooks(model: nn.Module, tracker: DeviceLiveBytes, out: dict[str, int
 class _BackwardWindows:
     """Splits backward into windows at layer boundaries and keeps each window role's peak."""
 
-    def __init__(self, tracker: DeviceLiveBytes, phases: dict[str, PhasePeak]) -> None:
+    def __init__(self, tracker: LiveBytes, phases: dict[str, PhasePeak]) -> None:
         self.tracker = tracker
         self.phases = phases
         self.current: tuple[str, ...] = ()

@@ -2,73 +2,50 @@
 
 `tfmem.profiler.LiveBytes` counts each storage at its exact `nbytes()`. On a CUDA target every request
 costs its size rounded to 512 bytes, and the reserved figure needs the order of allocations and frees.
-`DeviceLiveBytes` is that tracker with two additions, made by extending its two bookkeeping points
-(`_add_tensor` counts a storage, `_on_free` forgets one); everything else (what is seen, the peak's split
-into parameters / gradients / optimizer state / activations) is the profiler's.
-
-(Adapter, not a fork: LiveBytes has no hook for a per-storage size. If it grows one, say
-`size_of(nbytes) -> int`, this file shrinks to that function.)
+Both come through LiveBytes' public extension points: `size_of=round_allocation`, and an `AllocationLog`
+observer whose events `allocator.simulate` replays. Everything else (what is seen, the peak's split into
+parameters / gradients / optimizer state / activations) is the profiler's, unchanged.
 """
 
 from __future__ import annotations
 
-import torch
-
 from tfmem.estimate.allocator import round_allocation
-from tfmem.profiler.live_bytes import LiveBytes, storage_key
+from tfmem.estimate.device import DeviceProfile
+from tfmem.profiler.live_bytes import LiveBytes
 
 
-class DeviceLiveBytes(LiveBytes):
-    """A `LiveBytes` that rounds sizes like the CUDA caching allocator and records allocation events.
+class AllocationLog:
+    """A `LiveBytes` observer keeping (key, requested bytes) allocations and (key, 0) frees in order.
 
-    Args:
-        round_sizes: count `round_allocation(nbytes)` instead of `nbytes` (CUDA targets).
-        record_events: keep (storage key, requested bytes) allocations and (key, 0) frees in order, for
-            `allocator.simulate`.
+    That is the sequence `allocator.simulate` takes. Requests are the exact sizes: simulate rounds them.
 
-    Relies on two details of LiveBytes: `_add_tensor(t, ...)` counts a storage at `nbytes()` in
-    `_live[key][0]` and `current_bytes`, and `_on_free(key)` forgets it. The rounding is applied on top,
-    after LiveBytes has done its own bookkeeping (roles, peak), so nothing of it is duplicated here.
+    Example:
+        >>> import torch
+        >>> log = AllocationLog()
+        >>> with LiveBytes(observer=log):
+        ...     a = torch.zeros(3)                   # 12 bytes
+        ...     del a
+        >>> [n for _, n in log.events]
+        [12, 0]
     """
 
-    def __init__(self, *, round_sizes: bool, record_events: bool = False) -> None:
-        super().__init__(track_inputs=False)
-        self.round_sizes = round_sizes
-        self.events: list[tuple[int, int]] | None = [] if record_events else None
-        self._exact: dict[int, int] = {}  # storage key -> requested (unrounded) bytes
+    def __init__(self) -> None:
+        self.events: list[tuple[int, int]] = []
 
-    def _add_tensor(self, t: torch.Tensor, *args, **kwargs) -> int:
-        key = storage_key(t)
-        if key is None or self._closed:
-            return super()._add_tensor(t, *args, **kwargs)
-        with self._lock:
-            try:
-                requested = t.untyped_storage().nbytes()
-            except (RuntimeError, NotImplementedError, TypeError):
-                return 0
-            previous = self._exact.get(key)
-            role = args[0] if args else kwargs.get("role")
-            if previous == requested and role is None:
-                return 0  # known storage, same size, nothing to (re)classify
-            delta = super()._add_tensor(t, *args, **kwargs)
-            entry = self._live.get(key)
-            if entry is None:
-                return delta
-            self._exact[key] = requested
-            if self.events is not None and previous != requested:
-                if previous is not None:  # a resize: the allocator frees and allocates anew
-                    self.events.append((key, 0))
-                if requested:
-                    self.events.append((key, requested))
-            if self.round_sizes:
-                extra = round_allocation(requested) - requested
-                entry[0] = requested + extra
-                self.current_bytes += extra
-                delta += extra
-            return delta
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        if nbytes:  # an empty storage gets no block
+            self.events.append((key, nbytes))
 
-    def _on_free(self, key: int) -> None:
-        with self._lock:
-            if self._exact.pop(key, None) is not None and self.events is not None:
-                self.events.append((key, 0))
-        super()._on_free(key)
+    def on_free(self, key: int, nbytes: int) -> None:
+        # Runs inside PyTorch's deallocation: integers only. simulate ignores frees of keys with no block.
+        self.events.append((key, 0))
+
+
+def device_live_bytes(device: DeviceProfile, log: AllocationLog | None = None) -> LiveBytes:
+    """A `LiveBytes` counting as `device`'s allocator would, telling `log` of each allocation and free.
+
+    Only what `track()` is given and what operators create is counted (`track_inputs=False`): the fake
+    step tracks its model, optimizer and batch itself.
+    """
+    size_of = round_allocation if device.rounds_allocations else None
+    return LiveBytes(track_inputs=False, size_of=size_of, observer=log)

@@ -27,7 +27,9 @@ stores it in a parameter's `.grad`, optimizer state once it is in the optimizer'
 
 Public API:
 
-    tracker = LiveBytes(limit_bytes=None)      # limit_bytes: raise CpuOutOfMemoryError above it
+    tracker = LiveBytes(limit_bytes=None,      # limit_bytes: raise CpuOutOfMemoryError above it
+                        size_of=None,          # n -> bytes counted for a storage of n bytes (default: n)
+                        observer=None)         # an AllocationObserver, told of every count and free
     tracker.track(model, optimizer, batch)     # count existing tensors; models/optimizers also
                                                # name the parameters, gradients and optimizer state
     with tracker:                              # every op inside is accounted
@@ -42,6 +44,22 @@ Public API:
     CpuOutOfMemoryError                        # a torch.OutOfMemoryError: one `except` serves CUDA and CPU
     storage_key(tensor) -> int | None          # identity of a tensor's storage (None: no storage)
     storage_bytes(*tensors) -> int             # independent count: bytes of the distinct storages
+    AllocationObserver                         # protocol: on_alloc(key, nbytes), on_free(key, nbytes)
+
+Extension points, for counting as another allocator would (the estimator's CUDA model is built on them):
+
+- `size_of(nbytes) -> int` is what a storage of `nbytes` bytes costs. Every figure (current, peak,
+  breakdown, `limit_bytes`, `requested_bytes`) is in these counted bytes. It is called once per new or
+  resized storage, while the tracker holds its lock: plain arithmetic only.
+- `observer.on_alloc(key, nbytes)` runs when a storage is first counted, `observer.on_free(key, nbytes)`
+  when it is freed; `key` is `storage_key`'s, `nbytes` the storage's exact size (before `size_of`, 0 for
+  an empty storage). A resize is a free of the old size then an alloc of the new, as an allocator would
+  do it. Both run in the order the storages were counted, after the tracker has updated its figures
+  (`current_bytes` already includes the change), not inside that update. `on_free` runs from the
+  storage's finalizer, possibly in the middle of PyTorch deallocating it (`p.grad = None` in
+  `zero_grad`): it is given recorded integers only, and must not touch any tensor (reading `p.grad`
+  there has crashed the interpreter). Keys are addresses, reused after a free, so pair events by order.
+  Storages still live when the window closes get no `on_free`.
 
 Leaving the `with` block stops the accounting (finalizers are detached, so nothing keeps a reference
 to the tracker); the figures stay readable. A tracker is used for one window.
@@ -57,8 +75,8 @@ import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -127,6 +145,30 @@ def storage_bytes(*tensors: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+@runtime_checkable
+class AllocationObserver(Protocol):
+    """Told of every storage a `LiveBytes` tracker counts and frees, in order (see the module docstring).
+
+    Example:
+        >>> class Log:
+        ...     def __init__(self): self.events = []
+        ...     def on_alloc(self, key, nbytes): self.events.append(nbytes)
+        ...     def on_free(self, key, nbytes): self.events.append(-nbytes)
+        >>> log = Log()
+        >>> with LiveBytes(observer=log):
+        ...     a = torch.zeros(4)                   # 16 bytes
+        ...     del a
+        >>> log.events
+        [16, -16]
+    """
+
+    def on_alloc(self, key: int, nbytes: int) -> None:
+        """A storage of `nbytes` exact bytes is counted from now (new, or resized after an `on_free`)."""
+
+    def on_free(self, key: int, nbytes: int) -> None:
+        """The storage counted under `key` with `nbytes` is gone. Touch no tensor here."""
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages and their peak, operator by operator.
 
@@ -138,6 +180,10 @@ class LiveBytes(TorchDispatchMode):
         track_inputs: also count storages that operators read but that were made before tracking began
             (parameters, inputs) from their first use. Turn off to count only what `track()` was given
             and what operators create.
+        size_of: the bytes to count for a storage of n bytes (an allocator's rounding, say); default n.
+            Called under the tracker's lock, so it must be plain arithmetic.
+        observer: an `AllocationObserver` told of every storage counted and freed (to replay them into an
+            allocator model); its `on_free` must touch no tensor.
 
     Example:
         >>> a = torch.zeros(256)                 # 1 KiB, made before tracking
@@ -149,17 +195,32 @@ class LiveBytes(TorchDispatchMode):
         (2048, 1536)
     """
 
-    def __init__(self, *, limit_bytes: int | None = None, track_inputs: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        limit_bytes: int | None = None,
+        track_inputs: bool = True,
+        size_of: Callable[[int], int] | None = None,
+        observer: AllocationObserver | None = None,
+    ) -> None:
         super().__init__()
         if limit_bytes is not None and (not isinstance(limit_bytes, int) or limit_bytes <= 0):
             raise ValueError(f"`limit_bytes` must be a positive number of bytes or None, got {limit_bytes!r}.")
+        if size_of is not None and not callable(size_of):
+            raise TypeError(f"`size_of` must be a function of a byte count, or None, got {size_of!r}.")
+        if observer is not None and not isinstance(observer, AllocationObserver):
+            raise TypeError(f"`observer` must have `on_alloc(key, nbytes)` and `on_free(key, nbytes)` methods, "
+                            f"got {observer!r}.")
         self.limit_bytes = limit_bytes
         self.track_inputs = track_inputs
+        self._size_of = size_of
+        self._observer = observer
         self.current_bytes = 0
         self.peak_bytes = 0
         self.requested_bytes: int | None = None
-        # storage key -> [nbytes, finalizer, serial]. The serial names a storage for its whole life and
-        # is never reused (a freed storage's address is), so roles and the peak's live set use it.
+        # storage key -> [counted bytes, finalizer, serial, exact nbytes]. The serial names a storage for
+        # its whole life and is never reused (a freed storage's address is), so roles and the peak's live
+        # set use it. The exact size is kept so the free path hands the observer an integer, not a tensor.
         self._live: dict[int, list[Any]] = {}
         self._serials = itertools.count()
         self._roles: dict[int, str] = {}          # serial -> "parameters" | "gradients" | "optimizer_state"
@@ -270,22 +331,36 @@ class LiveBytes(TorchDispatchMode):
         except (RuntimeError, NotImplementedError, TypeError):
             return 0  # no storage to count (sparse, nested, some wrapper subclasses)
         key = storage._cdata
+        changed = True            # a new storage, or a resize: the observer hears of it
+        freed: int | None = None  # a resize: the exact bytes it replaces
         with self._lock:
             entry = self._live.get(key)
             if entry is None:
                 finalizer = weakref.finalize(storage, self._on_free, key)
                 finalizer.atexit = False
-                entry = self._live[key] = [nbytes, finalizer, next(self._serials)]
-                delta = nbytes
-            else:
-                delta = nbytes - entry[0]
+                counted = self._counted(nbytes)
+                entry = self._live[key] = [counted, finalizer, next(self._serials), nbytes]
+                delta = counted
+            elif nbytes != entry[3]:
+                counted = self._counted(nbytes)
+                delta = counted - entry[0]
                 if delta < 0:
                     self._before_decrease()
-                entry[0] = nbytes
+                freed = entry[3]
+                entry[0], entry[3] = counted, nbytes
+            else:
+                changed, delta = False, 0  # known storage, same size: at most a new role
             self.current_bytes += delta
             if role is not None and self._roles.get(entry[2]) != "parameters":
                 self._roles[entry[2]] = role
-            return delta
+        if changed and self._observer is not None:
+            if freed is not None:
+                self._observer.on_free(key, freed)
+            self._observer.on_alloc(key, nbytes)
+        return delta
+
+    def _counted(self, nbytes: int) -> int:
+        return nbytes if self._size_of is None else self._size_of(nbytes)
 
     def _on_free(self, key: int) -> None:
         # Runs while PyTorch deallocates a storage, possibly in the middle of assigning a tensor
@@ -297,6 +372,8 @@ class LiveBytes(TorchDispatchMode):
             self._before_decrease()
             del self._live[key]
             self.current_bytes -= entry[0]
+        if self._observer is not None:
+            self._observer.on_free(key, entry[3])  # a recorded integer: no tensor is read while freeing
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if param.grad is not None:
@@ -326,8 +403,8 @@ class LiveBytes(TorchDispatchMode):
             if self._peak_pending and self.current_bytes == self.peak_bytes:
                 self._copy_peak()
             self._closed = True
-            for _, finalizer, _ in self._live.values():
-                finalizer.detach()
+            for entry in self._live.values():
+                entry[1].detach()
             self._live.clear()
             for hook in self._hooks:
                 hook.remove()
