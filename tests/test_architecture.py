@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 
 import pytest
 import torch
@@ -133,10 +132,3 @@ def test_two_equally_likely_layer_lists_are_refused_rather_than_guessed() -> Non
     with pytest.raises(UnsupportedModelError, match=r"cannot tell which list .*`left`, `right`.*modules:"):
         find_backbone(_TwoStacks())
     assert find_backbone(_TwoStacks(), ModulePaths(layers="right")).layers_path == "right"
-
-
-@pytest.mark.parametrize("module", [architecture, freezing, checkpointing])
-def test_the_docstring_examples_run(module: object) -> None:
-    torch.manual_seed(0)
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.attempted > 0 and result.failed == 0

@@ -176,8 +176,8 @@ def run_fake_step(
             windows.close()
             tracker.reset_peak()
             optimizer.step()
-            # Read the split before zero_grad: a peak still standing is split at its first decrease,
-            # and LiveBytes must not do that from the finalizer `p.grad = None` fires (it reads p.grad).
+            # Read the split at the end of the step, before zero_grad frees the gradients: the optimizer
+            # phase's peak is the one standing now.
             phases["optimizer"] = PhasePeak(tracker.peak_bytes, tracker.peak_breakdown)
             optimizer.zero_grad(set_to_none=True)
     finally:

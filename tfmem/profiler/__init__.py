@@ -9,11 +9,19 @@
   report.py writes its rows (results.json, results.csv, a PNG chart).
 """
 
-from tfmem.profiler.live_bytes import CATEGORIES, CpuOutOfMemoryError, LiveBytes, storage_bytes, storage_key
+from tfmem.profiler.live_bytes import (
+    CATEGORIES,
+    AllocationObserver,
+    CpuOutOfMemoryError,
+    LiveBytes,
+    storage_bytes,
+    storage_key,
+)
 from tfmem.profiler.session import Profiler
 
 __all__ = [
     "CATEGORIES",
+    "AllocationObserver",
     "CpuOutOfMemoryError",
     "LiveBytes",
     "MemoryProfilerCallback",
