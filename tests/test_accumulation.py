@@ -31,6 +31,7 @@ import tfmem
 from tfmem import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
 
+
 def run_trainer(task: str, tmp_path, *, apply_recipe: bool = True):
     model = make_model(task)
     initial = copy.deepcopy(model)

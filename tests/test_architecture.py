@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
-import torch
+from _families import FAMILIES, LAYER_PATHS, Custom, build
 from torch import nn
 
-from _families import FAMILIES, LAYER_PATHS, Custom, build
 from tfmem.errors import UnsupportedModelError
-from tfmem.techniques import architecture, checkpointing, freezing
+from tfmem.techniques import architecture
 from tfmem.techniques.architecture import ModulePaths, find_backbone
 
 

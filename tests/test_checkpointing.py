@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 import transformers as tf
-
 from _families import FAMILIES, LAYER_PATHS, Custom, batch, build, count_runs, gpt2_lm, saved_inside
+
 from tfmem.errors import RecipeError
 from tfmem.techniques.architecture import ModulePaths, find_backbone
 from tfmem.techniques.checkpointing import (

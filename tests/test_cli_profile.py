@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from tfmem.cli import main
 from tfmem.profiler.report import REQUIRED_KEYS

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 import transformers as tf
+from _families import FAMILIES, Custom, batch, build, gpt2_lm, saved_inside
 from torch import nn
 
-from _families import FAMILIES, Custom, batch, build, gpt2_lm, saved_inside
 from tfmem.errors import RecipeError
 from tfmem.techniques.architecture import ModulePaths, find_backbone
 from tfmem.techniques.checkpointing import CheckpointingConfig, apply_checkpointing

@@ -8,7 +8,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tfmem.profiler import MemoryProfilerCallback
 
-
 SEQ = 24
 
 

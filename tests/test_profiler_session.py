@@ -14,7 +14,6 @@ from tfmem.profiler.live_bytes import storage_bytes
 from tfmem.profiler.session import _gather_peaks
 from tfmem.recipe import Recipe
 
-
 SEQ = 32
 
 

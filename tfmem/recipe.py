@@ -251,7 +251,7 @@ class Recipe:
         Raises:
             RecipeError: no shipped recipe has that name and no such file exists; the message lists the names.
         """
-        from tfmem.shipped import shipped_recipe_path, shipped_recipe_names
+        from tfmem.shipped import shipped_recipe_names, shipped_recipe_path
 
         text = str(name_or_path)
         path = Path(text)

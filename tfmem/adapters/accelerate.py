@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from tfmem.errors import RecipeError
-from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.accumulation import AccumulationWindow, count_loss_items, loss_shifts_labels, summed_loss
+from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.precision import precision_problems
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def accumulation_windows(dataloader: Iterable[Any], accelerator: Accelerator, mo
     optimizer steps exactly once per window.
     """
     steps = accelerator.gradient_accumulation_steps
-    shifts = loss_shifts_labels(_unwrap(model))
+    shifts = loss_shifts_labels(model)
     total = _length(dataloader)
     iterator = iter(dataloader)
     pulled = 0
@@ -138,12 +138,6 @@ def _length(dataloader: Iterable[Any]) -> int | None:
         return len(dataloader)  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def backward_step(

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tfmem.errors import RecipeError
 from tfmem.profiler.report import headline, table_columns, table_rows, write_chart
 from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep
 from tfmem.profiler.units import format_bytes, parse_bytes
-from tfmem.errors import RecipeError
 from tfmem.recipe import Recipe
 from tfmem.shipped import shipped_recipe_names
 from tfmem.zoo import DEFAULT_MODEL, known_model_names, resolve

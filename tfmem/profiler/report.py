@@ -22,8 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tfmem.profiler.units import format_bytes
 from tfmem.files import write_text_atomic
+from tfmem.profiler.units import format_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from torch import nn
 from tfmem.profiler.flops import peak_flops, training_flops_per_token
 from tfmem.profiler.live_bytes import CATEGORIES, LiveBytes, storage_bytes
 from tfmem.profiler.rss import peak_rss_bytes, reset_peak_rss
+from tfmem.techniques._modules import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class Profiler:
         peak = peak_flops(self.device, self.mixed_precision)
         if peak is None:
             return None
-        flops = training_flops_per_token(_unwrap(self.model), self._timed_max_len) * self.timed_padded_tokens
+        flops = training_flops_per_token(unwrap_model(self.model), self._timed_max_len) * self.timed_padded_tokens
         return flops / seconds / peak
 
 
@@ -294,12 +295,6 @@ def _model_device(model: nn.Module | None) -> torch.device:
         for p in model.parameters():
             return p.device
     return torch.device("cpu")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def _gather_peaks(peak: int) -> dict[str, float]:

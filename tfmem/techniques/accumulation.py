@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from tfmem.errors import RecipeError
 from tfmem.techniques._fields import type_problem
+from tfmem.techniques._modules import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def micro_batch_size(effective_batch_size: int, steps: int) -> int:
 
 def loss_shifts_labels(model: nn.Module) -> bool:
     """True when the model's loss predicts token i+1 from position i (causal LM), as Trainer decides it."""
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "is_encoder_decoder", False):
         return False
@@ -119,16 +121,7 @@ def _loss_kind(model: nn.Module) -> str | None:
 
 def supports_exact_loss(model: nn.Module) -> bool:
     """True when `summed_loss` knows the head of `model` (classification, token classification, LMs)."""
-    return _loss_kind(_unwrap(model)) is not None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / FSDP / torch.compile wrappers keep the real model under `.module` or `._orig_mod`.
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+    return _loss_kind(unwrap_model(model)) is not None
 
 
 def summed_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -145,7 +138,7 @@ def summed_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) ->
     Raises:
         ValueError: for a head whose loss tfmem does not know (question answering, say).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     kind = _loss_kind(model)
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     labels = labels.to(logits.device)
@@ -200,7 +193,7 @@ class ExactLoss:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         total = summed_loss(self.model, logits, labels)
         if num_items_in_batch is None:  # evaluation: a plain mean over this batch
-            num_items_in_batch = count_loss_items(labels, shifts_labels=loss_shifts_labels(_unwrap(self.model)))
+            num_items_in_batch = count_loss_items(labels, shifts_labels=loss_shifts_labels(self.model))
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
         return total / num_items_in_batch

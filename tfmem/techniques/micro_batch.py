@@ -19,8 +19,8 @@ that needs a smaller configuration, which `tfmem plan` finds before training.
 from __future__ import annotations
 
 import gc
-import math
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
