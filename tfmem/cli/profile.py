@@ -55,10 +55,10 @@ def add_parser(subparsers) -> None:
                         "(CPU: a limit on live tensor bytes; CUDA: the process's share of the GPU)")
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help=f"folder for results.json, results.csv and results.png (default ./{DEFAULT_OUTPUT})")
-    p.add_argument("--threads", type=int, default=1,
-                   help="PyTorch CPU threads for a CPU run (default 1: steady timings on a machine shared with other "
-                        "work, where OpenMP threads otherwise wait on each other; peak memory does not depend on it). "
-                        "0 keeps PyTorch's default, one per core")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch CPU threads for a CPU run (default 0: PyTorch's default, one per core). On a machine "
+                        "busy with other work, 1 gives steadier timings (OpenMP threads otherwise wait on each other); "
+                        "peak memory does not depend on it")
     p.add_argument("--no-baseline", action="store_true", help="do not add the baseline (no techniques) row")
     p.set_defaults(run=run)
 
