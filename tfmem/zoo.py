@@ -36,9 +36,12 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "distilbert-base-uncased": dict(model_type="distilbert", vocab_size=30522, max_position_embeddings=512,
                                     dim=768, n_layers=6, n_heads=12, hidden_dim=3072),
 }
+# The cased checkpoints differ from the uncased ones only in their vocabulary (28996 word pieces).
+KNOWN_CONFIGS["bert-base-cased"] = dict(KNOWN_CONFIGS["bert-base-uncased"], vocab_size=28996)
+KNOWN_CONFIGS["bert-large-cased"] = dict(KNOWN_CONFIGS["bert-large-uncased"], vocab_size=28996)
 ALIASES = {
-    "bert-base-cased": "bert-base-uncased",
-    "bert-large-cased": "bert-large-uncased",
+    "google-bert/bert-base-cased": "bert-base-cased",
+    "google-bert/bert-large-cased": "bert-large-cased",
     "google-bert/bert-base-uncased": "bert-base-uncased",
     "google-bert/bert-large-uncased": "bert-large-uncased",
     "FacebookAI/roberta-base": "roberta-base",
@@ -101,6 +104,35 @@ def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
     values = dict(KNOWN_CONFIGS[key])
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values), ModelSource(key, None, True)
+
+
+# Families whose position ids start after the padding index (RoBERTa's `create_position_ids_from_input_ids`),
+# so `pad_token_id + 1` of their `max_position_embeddings` can never hold a token.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
+
+
+def max_seq_len(config: PretrainedConfig) -> int | None:
+    """The longest sequence `config`'s position embeddings can hold, or None when it has no such limit.
+
+    Example:
+        >>> from transformers import RobertaConfig, BertConfig
+        >>> max_seq_len(BertConfig()), max_seq_len(RobertaConfig(max_position_embeddings=514, pad_token_id=1))
+        (512, 512)
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+        positions -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def seq_len_problem(config: PretrainedConfig, seq_len: int, model_name: str, field: str = "seq_len") -> str | None:
+    """A one-line problem when `seq_len` is longer than the model's positions, else None."""
+    limit = max_seq_len(config)
+    if limit is not None and seq_len > limit:
+        return f"`{field}` is {seq_len} but {model_name} holds at most {limit} tokens; use {limit} or fewer."
+    return None
 
 
 def model_config(name_or_dir: str, num_labels: int = 2) -> PretrainedConfig:
