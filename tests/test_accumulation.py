@@ -32,7 +32,7 @@ from tfmem import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
 
 
-def run_trainer(task: str, tmp_path, *, apply_recipe: bool = True):
+def run_trainer(task: str, tmp_path, *, apply_recipe: bool = True, recipe: dict | None = None, user_steps: int = 1):
     model = make_model(task)
     initial = copy.deepcopy(model)
     samples = make_samples(task)
@@ -43,7 +43,10 @@ def run_trainer(task: str, tmp_path, *, apply_recipe: bool = True):
         train_sampling_strategy="sequential", remove_unused_columns=False, save_strategy="no",
         logging_strategy="no", disable_tqdm=True, seed=0,
     )
-    recipe = Recipe.from_dict({"name": "acc", "gradient_accumulation_steps": STEPS})
+    recipe = Recipe.from_dict(recipe or {"name": "acc", "gradient_accumulation_steps": STEPS})
+    if user_steps > 1:  # the user accumulates in the arguments; the recipe adds other techniques
+        args.per_device_train_batch_size = micro_batch_size(EFFECTIVE_BATCH, user_steps)
+        args.gradient_accumulation_steps = user_steps
     if not apply_recipe:  # what a user gets from transformers alone with the same split
         args.per_device_train_batch_size = micro_batch_size(EFFECTIVE_BATCH, STEPS)
         args.gradient_accumulation_steps = STEPS
@@ -125,3 +128,12 @@ def test_accumulation_windows_count_items_over_the_whole_window():
     windows = list(tfmem.accumulation_windows(loader, FakeAccelerator(), torch.nn.Linear(1, 1)))
     assert [int(w.num_items) for w in windows] == [5, 5, 1]
     assert [w.num_micro_batches for w in windows] == [2, 2, 1]
+
+
+def test_accumulation_set_in_the_arguments_is_made_exact_by_any_recipe(tmp_path):
+    """The user accumulates in TrainingArguments and applies a recipe that does not accumulate."""
+    recipe = {"name": "ckpt", "gradient_checkpointing": True}
+    initial, samples, steps, windows, micro = run_trainer("classification", tmp_path, recipe=recipe, user_steps=STEPS)
+    assert [len(w) for w in windows] == [16, 12]
+    for got, window in zip(steps, windows):
+        assert relative_error(got, reference_gradient(initial, samples, window)) <= 1e-9

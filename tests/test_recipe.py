@@ -181,3 +181,14 @@ def test_yaml_comments_say_what_each_setting_costs():
 def test_summary_names_the_techniques():
     assert Recipe.from_dict(FULL).summary() == "accumulate x4, checkpointing, bf16, freeze embeddings, freeze 6 layers"
     assert Recipe().summary() == "no techniques (baseline)"
+
+
+def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "shared.yaml", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.yaml").stat().st_mode & 0o777 == 0o644

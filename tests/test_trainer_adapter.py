@@ -84,7 +84,7 @@ def test_every_contradiction_is_listed_at_once(tmp_path):
     assert "3 problems" in text
     assert "leave `gradient_accumulation_steps=1`" in text
     assert "'bf16'" in text
-    assert "`activation_checkpointing=True`" in text
+    assert "`activation_checkpointing` (or its deprecated alias `gradient_checkpointing`) is True" in text
 
 
 def test_batch_that_does_not_divide_is_an_error(tmp_path):
@@ -162,3 +162,9 @@ def test_problems_from_arguments_device_and_model_come_in_one_error(tmp_path):
     assert "fp16 but training runs on the CPU" in text
     assert "`freeze.layers` is 5 but" in text and "2 encoder layers" in text
     assert snapshot(trainer) == before, "nothing may change when the recipe does not apply"
+
+
+def test_deprecated_checkpointing_alias_is_named_in_the_error(tmp_path):
+    trainer = make_trainer(tmp_path, gradient_checkpointing=True)
+    with pytest.raises(RecipeError, match=r"deprecated alias `gradient_checkpointing`\) is True"):
+        Recipe.load("accumulate-4").apply(trainer)

@@ -302,11 +302,14 @@ class Recipe:
 
         return training_arguments(self, args)
 
-    def compute_loss_func(self, model: nn.Module):
-        """The Trainer `compute_loss_func` that keeps accumulated gradients exact (None when not needed)."""
+    def compute_loss_func(self, model: nn.Module, args: TrainingArguments | None = None):
+        """The Trainer `compute_loss_func` that keeps accumulated gradients exact (None when not needed).
+
+        Pass the `args` the Trainer will get to leave it out when nothing accumulates.
+        """
         from tfmem.adapters.trainer import compute_loss_func
 
-        return compute_loss_func(self, model)
+        return compute_loss_func(self, model, args)
 
     def apply(self, trainer: Trainer) -> Trainer:
         """Apply the recipe to a constructed `transformers.Trainer` that has not started training.

@@ -74,11 +74,12 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
         )
     name = _checkpointing_arg(args)
     if getattr(args, name, False) and not recipe.gradient_checkpointing:
+        alias = " (or its deprecated alias `gradient_checkpointing`)" if name == "activation_checkpointing" else ""
         problems.append(
-            f"`gradient_checkpointing` is false in the recipe but `{name}=True` in the TrainingArguments; "
-            f"drop `{name}` from the arguments or use a recipe with `gradient_checkpointing: true`."
+            f"`gradient_checkpointing` is false in the recipe but `{name}`{alias} is True in the TrainingArguments; "
+            f"set it to False in the arguments or use a recipe with `gradient_checkpointing: true`."
         )
-    if needs_exact_loss(recipe) and args.label_smoothing_factor:
+    if needs_exact_loss(recipe, args) and args.label_smoothing_factor:
         problems.append(
             f"`label_smoothing_factor` is {args.label_smoothing_factor} in the TrainingArguments; tfmem's exact loss "
             "normalisation under gradient accumulation does not implement label smoothing. Set it to 0 or use "
@@ -117,24 +118,28 @@ def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
         changes["per_device_train_batch_size"] = micro_batch_size(
             args.per_device_train_batch_size, recipe.gradient_accumulation_steps
         )
-    if hasattr(args, "gradient_checkpointing") and _checkpointing_arg(args) != "gradient_checkpointing":
-        changes["gradient_checkpointing"] = None  # the deprecated alias must not re-enable it
     new = dataclasses.replace(args, **changes)
     setattr(new, _APPLIED, recipe.name)
     return new
 
 
-def needs_exact_loss(recipe: Recipe) -> bool:
-    """Accumulation, and splitting micro-batches on out-of-memory, both need the whole-batch loss."""
-    return recipe.gradient_accumulation_steps > 1 or recipe.auto_micro_batch
+def needs_exact_loss(recipe: Recipe, args: TrainingArguments | None = None) -> bool:
+    """Accumulation — the recipe's or the user's own — and splitting micro-batches on out-of-memory all
+    need the whole-batch loss. (Accumulation set in the arguments alone hits the same transformers
+    behaviour: BERT heads ignore `num_items_in_batch`, so the gradient comes out `steps` times too large.)"""
+    user_steps = args.gradient_accumulation_steps if args is not None else 1
+    return max(recipe.gradient_accumulation_steps, user_steps) > 1 or recipe.auto_micro_batch
 
 
-def loss_problems(recipe: Recipe, model: nn.Module, compute_loss_func: Any = None) -> list[str]:
+def loss_problems(
+    recipe: Recipe, model: nn.Module, compute_loss_func: Any = None, args: TrainingArguments | None = None
+) -> list[str]:
     """Whether tfmem can make the accumulated loss exact for `model` (or the user already did)."""
-    if not needs_exact_loss(recipe) or compute_loss_func is not None or supports_exact_loss(model):
+    if not needs_exact_loss(recipe, args) or compute_loss_func is not None or supports_exact_loss(model):
         return []
+    steps = max(recipe.gradient_accumulation_steps, args.gradient_accumulation_steps if args is not None else 1)
     return [
-        f"`gradient_accumulation_steps` is {recipe.gradient_accumulation_steps}"
+        f"`gradient_accumulation_steps` is {steps}"
         f"{' with auto_micro_batch' if recipe.auto_micro_batch else ''} but tfmem cannot normalise the loss of "
         f"{type(model).__name__} exactly over the accumulated batch; pass your own "
         "`compute_loss_func(outputs, labels, num_items_in_batch)` to the Trainer (returning the summed loss divided "
@@ -142,17 +147,21 @@ def loss_problems(recipe: Recipe, model: nn.Module, compute_loss_func: Any = Non
     ]
 
 
-def compute_loss_func(recipe: Recipe, model: nn.Module) -> ExactLoss | None:
-    """The `compute_loss_func` a Trainer needs for `recipe` (None without accumulation).
+def compute_loss_func(recipe: Recipe, model: nn.Module, args: TrainingArguments | None = None) -> ExactLoss | None:
+    """The `compute_loss_func` a Trainer needs for `recipe` with `args`.
+
+    Without `args` it returns the exact loss whenever tfmem knows the model's head: exact with or
+    without accumulation, so it is safe when the arguments are not at hand. With `args`, None when
+    nothing accumulates (so the Trainer's own label smoothing, say, stays in charge).
 
     Raises:
-        RecipeError: tfmem does not know the model's loss (see `loss_problems`).
+        RecipeError: accumulation is on and tfmem does not know the model's loss (see `loss_problems`).
     """
-    if not needs_exact_loss(recipe):
+    if args is not None and not needs_exact_loss(recipe, args):
         return None
-    if problems := loss_problems(recipe, model):
+    if problems := loss_problems(recipe, model, args=args):
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit {type(model).__name__}")
-    return ExactLoss(model)
+    return ExactLoss(model) if supports_exact_loss(model) else None
 
 
 def trainer_problems(trainer: Trainer) -> list[str]:
@@ -183,7 +192,7 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
     if not problems:
         problems += argument_problems(recipe, trainer.args)
         problems += model_problems(trainer.model, recipe)
-        problems += loss_problems(recipe, trainer.model, trainer.compute_loss_func)
+        problems += loss_problems(recipe, trainer.model, trainer.compute_loss_func, trainer.args)
     if problems:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot be applied to this Trainer")
 
@@ -194,7 +203,7 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
     trainer._train_batch_size = trainer.args.train_batch_size
     trainer.create_accelerator_and_postprocess()
     prepare_model(trainer.model, recipe)
-    if needs_exact_loss(recipe) and trainer.compute_loss_func is None:
+    if needs_exact_loss(recipe, trainer.args) and trainer.compute_loss_func is None:
         trainer.compute_loss_func = ExactLoss(trainer.model)
         # Trainer counts `num_items_in_batch` from labels[..., 1:] only when transformers' LOSS_MAPPING names
         # the model's loss causal; GPT-2 (`loss_type=None`) falls through and is counted unshifted, which
