@@ -155,3 +155,31 @@ def test_depth_extrapolation_survives_a_peak_that_moves_with_depth():
     fast = estimate_memory("bert-base-uncased", "low-memory", 32, 512, device="cuda", extrapolate_depth=True)
     assert full.peak_phase == "forward"
     assert abs(fast.peak_bytes - full.peak_bytes) / full.peak_bytes < 0.002
+
+
+def test_roberta_holds_its_positions_minus_the_padding_offset(capsys):
+    # RoBERTa's position ids start at pad_token_id + 1, so 34 positions with pad 1 hold 32 tokens; a 33-token
+    # batch would index past the embedding table. Checking `max_position_embeddings` alone accepted 33 and 34.
+    from transformers import RobertaConfig
+
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=34, pad_token_id=1, num_labels=2)
+    assert estimate_memory(cfg, None, 2, 32, device="cpu").seq_len == 32
+    for seq_len in (33, 34):
+        with pytest.raises(ValueError, match=rf"`seq_len` is {seq_len} but roberta holds at most 32 tokens; use 32"):
+            estimate_memory(cfg, None, 2, seq_len, device="cpu")
+    # roberta-base by name: 514 positions, 512 tokens (raised before any fake step, so this is quick).
+    assert main(["estimate", "--model", "roberta-base", "--batch-size", "1", "--seq-len", "513"]) == 2
+    err = capsys.readouterr().err
+    assert "roberta-base holds at most 512 tokens" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["estimate"], ["plan", "--budget", "1GiB"]])
+@pytest.mark.parametrize("gpu_args", [["--gpu", "t4"], ["--gpu-capability", "7.5"]])
+def test_device_cpu_with_a_gpu_flag_is_an_error_not_a_gpu_estimate(command, gpu_args, capsys):
+    # Before: --gpu silently won over --device cpu, so `estimate --device cpu --gpu t4` estimated a T4 (exit 0).
+    rc = main([*command, "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", *gpu_args])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert f"--device cpu cannot be combined with {' '.join(gpu_args)}" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1

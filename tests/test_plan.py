@@ -110,3 +110,60 @@ def test_plan_rejects_bad_input():
         plan(cfg(), 4, 32, 10**9, "cuda", allow_freeze=9)
     with pytest.raises(ValueError, match="budget"):
         plan(cfg(), 4, 32, 0, "cuda")
+
+
+def _text(out: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(out.split())
+
+
+def test_cpu_plan_explains_its_ranking_with_the_measured_cpu_constants(capsys):
+    rc = main(["plan", "--device", "cpu", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--budget", "1MiB"])
+    out = _text(capsys.readouterr().out)
+    assert rc == 1 and "Nothing fits" in out
+    assert "bf16 x0.66 and a fixed cost of ~48 tokens per micro-batch, measured on a 2-core EPYC" in out
+    assert "tensor-core" not in out and "2048" not in out
+    assert "or a larger --budget if the machine has the memory." in out and "GPU" not in out
+
+
+def test_gpu_plan_explains_its_ranking_with_the_gpu_defaults(capsys):
+    rc = main(["plan", "--gpu", "t4", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--budget", "1MiB"])
+    out = _text(capsys.readouterr().out)
+    assert rc == 1
+    assert "16-bit x0.5 on tensor-core GPUs, each micro-batch costs ~2048 tokens of fixed overhead" in out
+    assert "EPYC" not in out and "or a larger GPU." in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1.5", r"--budget '1.5' is not a whole number of bytes \(a number without a unit counts bytes\); give a unit, "
+                r"e\.g\. 1\.5GiB"),
+        ("1.5B", r"--budget '1.5B' is not a whole number of bytes"),
+        ("-5GiB", r"--budget '-5GiB' must be positive; write it like 8GiB"),
+        ("0", r"--budget '0' must be positive"),
+        ("lots", r"--budget 'lots' is not a size; write it like 8GiB"),
+        ("5 parsecs", r"--budget '5 parsecs' is not a size"),
+    ],
+)
+def test_parse_bytes_refuses_with_the_field_the_value_and_a_fix(text, message):
+    from tfmem.profiler.units import SizeError, parse_bytes
+
+    with pytest.raises(SizeError, match=message):
+        parse_bytes(text, field="--budget")
+
+
+def test_parse_bytes_reads_the_forms_the_cli_documents():
+    from tfmem.profiler.units import parse_bytes
+
+    assert parse_bytes("8GiB") == parse_bytes("8 gib") == parse_bytes("8G") == 8 * 2**30
+    assert parse_bytes("1.5GB") == 1_500_000_000 and parse_bytes("1.1GB") == 1_100_000_000  # exact, not float
+    assert parse_bytes("1048576") == parse_bytes("1.0MiB") == parse_bytes("+1MiB") == MiB
+    assert parse_bytes("0.5KiB") == 512
+
+
+def test_fractional_budget_without_a_unit_is_a_cli_error(capsys):
+    # Before: `--budget 1.5` was read as 1 byte and the plan reported that nothing fits in "1 B".
+    rc = main(["plan", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--budget", "1.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--budget '1.5' is not a whole number of bytes" in err and len(err.strip().splitlines()) == 1

@@ -115,3 +115,22 @@ def test_real_trainer_fp16_skipped_step_keeps_the_schedule(tmp_path):
     Recipe.load("fp16").apply(trainer)
     trainer.train()
     assert trainer.lr_scheduler.last_epoch == 2, "3 optimizer steps, the first skipped: the schedule advanced twice"
+
+
+@pytest.mark.parametrize("word", ["no", "off", "false", "OFF"])
+def test_yaml_false_precision_says_yaml_read_a_boolean_and_how_to_quote(word, tmp_path):
+    # PyYAML (YAML 1.1) reads a bare no, off and false as False: the message must not claim the user wrote `no`.
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nmixed_precision: {word}\n")
+    with pytest.raises(RecipeError, match=r'is False \(YAML reads a bare `off` or `false`, and a bare `no` as a boolean\); '
+                                          r'write `mixed_precision: "no"` \(quoted\)'):
+        Recipe.from_yaml(path)
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "true"])
+def test_yaml_true_precision_says_yaml_read_a_boolean(word, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nmixed_precision: {word}\n")
+    with pytest.raises(RecipeError, match=r"is True \(YAML reads a bare `yes`, `on` or `true` as a boolean\); "
+                                          r"write `mixed_precision: bf16` or `fp16`"):
+        Recipe.from_yaml(path)

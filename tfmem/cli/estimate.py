@@ -23,6 +23,16 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def profile_from_args(args: argparse.Namespace):
+    """The target device of `tfmem estimate` / `tfmem plan`.
+
+    Raises:
+        ValueError: `--device cpu` together with `--gpu` or `--gpu-capability` (which describe a GPU).
+    """
+    if args.device == "cpu" and (args.gpu or args.gpu_capability):
+        given = (("--gpu", args.gpu), ("--gpu-capability", args.gpu_capability))
+        gpu_flags = " and ".join(f"{flag} {value}" for flag, value in given if value)
+        raise ValueError(f"--device cpu cannot be combined with {gpu_flags}; drop {gpu_flags} to target "
+                         "the CPU, or drop --device cpu to target the GPU.")
     return device_profile("cuda" if args.gpu else args.device, gpu=args.gpu, capability=args.gpu_capability,
                           attention=args.attention)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli.estimate import add_device_arguments, profile_from_args
+from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.plan import Candidate, plan
 from tfmem.estimate.speed import SpeedModel
 from tfmem.profiler.units import SizeError, format_bytes, parse_bytes
@@ -79,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     console.print("micro: micro-batch size; peak: predicted peak allocated; reserved: with the allocator's cache; "
                   "headroom: budget - reserved - overhead; time: per sample, relative to fp32 without techniques "
-                  "(1.00): " + _speed_note())
+                  "(1.00): " + _speed_note(profile))
     if result.chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)}.[/]" + (
             f" Closest: {c.recipe.summary()} (micro-batch {c.estimate.micro_batch_size}) needs "
             f"{format_bytes(c.needed_bytes)}, {format_bytes(-c.headroom_bytes)} over. Try a shorter --seq-len, "
-            f"a smaller --batch-size" + ("" if args.allow_freeze else ", --allow-freeze N") + ", or a larger GPU." if c else ""))
+            f"a smaller --batch-size" + ("" if args.allow_freeze else ", --allow-freeze N")
+            + (", or a larger --budget if the machine has the memory." if profile.type == "cpu" else ", or a larger GPU.")
+            if c else ""))
         return 1
     est = result.chosen_estimate or result.chosen.estimate
     console.print(f"Chosen: [bold]{result.chosen.recipe.summary()}[/], micro-batch {est.micro_batch_size}: predicted peak "
@@ -102,8 +105,14 @@ def _row(table: Table, rank: str, c: Candidate, style: str | None = None) -> Non
                   style=style)
 
 
-def _speed_note() -> str:
+def _speed_note(profile: DeviceProfile) -> str:
+    """The speed model's constants for `profile`'s device type, so the ranking says what it rests on."""
     m = SpeedModel()
-    return (f"checkpointing +{m.recompute_units:.0f} forward per layer (~+33%), 16-bit x{m.mixed_precision_factor} on "
-            f"tensor-core GPUs, each micro-batch costs ~{m.overhead_tokens} tokens of fixed overhead "
-            "(documented defaults, see tfmem/estimate/speed.py).")
+    checkpointing = f"checkpointing +{m.recompute_units:.0f} forward per layer (~+33%)"
+    if profile.type == "cpu":
+        # Only these two CPU constants were measured; the checkpointing cost is the same default as on GPUs.
+        return (f"bf16 x{m.cpu_bf16_factor} and a fixed cost of ~{m.cpu_overhead_tokens} tokens per micro-batch, measured "
+                f"on a 2-core EPYC with benchmarks/speed_model.py; {checkpointing}, a documented default "
+                "(see tfmem/estimate/speed.py).")
+    return (f"{checkpointing}, 16-bit x{m.mixed_precision_factor} on tensor-core GPUs, each micro-batch costs "
+            f"~{m.overhead_tokens} tokens of fixed overhead (documented defaults, see tfmem/estimate/speed.py).")

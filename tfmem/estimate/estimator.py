@@ -24,6 +24,7 @@ from tfmem.estimate.fake_step import PHASES, PhasePeak, StepMemory, num_layers_o
 from tfmem.profiler.live_bytes import CATEGORIES
 from tfmem.recipe import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
+from tfmem.zoo import model_config, seq_len_problem
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,10 @@ def estimate_memory(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive whole number, got {value!r}.")
-    max_len = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_len, int) and seq_len > max_len:
-        raise ValueError(f"`seq_len` {seq_len} is longer than {model_name}'s {max_len} positions; use at most {max_len}.")
+    # Not `max_position_embeddings` itself: RoBERTa-family positions start after the padding index, so
+    # roberta-base's 514 positions hold 512 tokens (see tfmem.zoo.max_seq_len).
+    if problem := seq_len_problem(config, seq_len, model_name):
+        raise ValueError(problem)
     if problems := profile.precision_problems(recipe.mixed_precision):
         logger.warning("tfmem: recipe %r: %s (estimating it anyway)", recipe.name, problems[0])
     micro = micro_batch_size(batch_size, recipe.gradient_accumulation_steps)
@@ -180,8 +182,6 @@ def model_config_of(obj: Any, num_labels: int) -> tuple[PretrainedConfig, type[n
     """(config, model class or None for the sequence-classification default, display name) of a model,
     a config or a name `tfmem.zoo` knows."""
     if isinstance(obj, str):
-        from tfmem.zoo import model_config
-
         config = model_config(obj, num_labels=num_labels)
         return config, None, obj
     if isinstance(obj, PreTrainedModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1, "b": 1,
@@ -20,20 +21,31 @@ class SizeError(ValueError):
 def parse_bytes(text: str, *, field: str = "--max-memory") -> int:
     """Read a size such as `200MiB`, `1.5GB`, `2G` or `1048576` as bytes (`K/M/G` alone are binary).
 
+    A bare number is a count of bytes, so it must be whole: `--budget 1.5` is refused (did you mean
+    1.5GiB?) rather than read as one byte. Fractions with a unit round down to whole bytes.
+
     Raises:
-        SizeError: not a positive size; the message names the field and shows valid forms.
+        SizeError: not a size, not positive, or a fraction of a byte; the message names the field and
+            the value and shows a valid form.
 
     Example:
-        >>> parse_bytes("200MiB"), parse_bytes("1.5GB"), parse_bytes("2G")
-        (209715200, 1500000000, 2147483648)
+        >>> parse_bytes("200MiB"), parse_bytes("1.5GB"), parse_bytes("2G"), parse_bytes("1048576")
+        (209715200, 1500000000, 2147483648, 1048576)
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
+    match = re.fullmatch(r"\s*([+-]?)\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(3).lower() if match else None
     if not match or unit not in _UNITS:
-        raise SizeError(f"{field} {text!r} is not a size; write it like 200MiB, 1.5GiB, 8GB or a number of bytes.")
-    value = int(float(match.group(1)) * _UNITS[unit])
+        raise SizeError(f"{field} {text!r} is not a size; write it like 8GiB, 200MiB, 1.5GB or a whole number of bytes.")
+    # Fraction, not float: "1.1GB" is exactly 1100000000 bytes.
+    number = Fraction(match.group(2)) * (-1 if match.group(1) == "-" else 1)
+    if number <= 0:
+        raise SizeError(f"{field} {text!r} must be positive; write it like 8GiB.")
+    if _UNITS[unit] == 1 and number.denominator != 1:
+        raise SizeError(f"{field} {text!r} is not a whole number of bytes (a number without a unit counts bytes); "
+                        f"give a unit, e.g. {match.group(2)}GiB or 8GiB.")
+    value = int(number * _UNITS[unit])
     if value <= 0:
-        raise SizeError(f"{field} {text!r} must be more than 0 bytes; write it like 200MiB.")
+        raise SizeError(f"{field} {text!r} is less than one byte; write it like 8GiB.")
     return value
 
 

@@ -40,9 +40,14 @@ class PrecisionConfig:
     def problems(self) -> list[str]:
         problem = type_problem("mixed_precision", self.mode, str, "mixed_precision: bf16")
         if problem:
-            # YAML reads an unquoted `no` as False; say so rather than "got False".
+            # YAML 1.1 (PyYAML) reads unquoted no/off/false as False and yes/on/true as True; say so
+            # rather than "got False", and do not assume the user typed `no`.
             if self.mode is False:
-                return ['`mixed_precision` is False (YAML reads a bare `no` as a boolean); write `mixed_precision: "no"`.']
+                return ['`mixed_precision` is False (YAML reads a bare `off` or `false`, and a bare `no` as a boolean); '
+                        'write `mixed_precision: "no"` (quoted) for fp32, or bf16 / fp16.']
+            if self.mode is True:
+                return ['`mixed_precision` is True (YAML reads a bare `yes`, `on` or `true` as a boolean); '
+                        'write `mixed_precision: bf16` or `fp16`, or `"no"` (quoted) for fp32.']
             return [problem]
         if self.mode not in MODES:
             return [f"`mixed_precision` must be one of {', '.join(MODES)}; got {self.mode!r}."]
