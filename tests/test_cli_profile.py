@@ -55,6 +55,9 @@ def test_max_memory_makes_a_recipe_oom_and_the_sweep_finishes(tmp_path, tiny_mod
         (["--recipe", "low-memroy"], "Did you mean 'low-memory'"),
         (["--batch-size", "0"], "--batch-size must be a positive"),
         (["--dataset", "nowhere.csv", "--model", "bert-tiny"], "--dataset needs the model's tokenizer"),
+        (["--batch-size", "10", "--recipe", "accumulate-4"],
+         "--batch-size 10 does not divide by the 4 accumulation steps of recipe 'accumulate-4'"),
+        (["--model", "roberta-base", "--seq-len", "600"], "`--seq-len` is 600 but roberta-base holds at most 512 tokens"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
@@ -63,3 +66,41 @@ def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, tiny_model_dir, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr("tfmem.cli.profile.run_sweep", lambda *a, **k: pytest.fail("a recipe ran"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = profile("--model", tiny_model_dir, "--output", str(blocker / "results"), "--device", "cpu")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--output '{blocker / 'results'}' cannot be written" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_ratio_line_says_why(tmp_path, tiny_model_dir, capsys):
+    # The baseline runs, the only other recipe cannot (fp16 on a CPU).
+    code = profile("--model", tiny_model_dir, "--recipe", "fp16", "--output", str(tmp_path), "--device", "cpu")
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "No ratios: no recipe other than the baseline ran" in printed
+    assert "baseline row did not run" not in printed
+
+
+def test_seq_len_is_checked_against_the_models_positions_before_anything_starts(tmp_path, capsys):
+    from transformers import RobertaConfig
+
+    folder = tmp_path / "tiny-roberta"
+    # RoBERTa's positions start after the padding index: 34 positions hold 34 - (1 + 1) = 32 tokens.
+    RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=34, pad_token_id=1).save_pretrained(folder)
+    code = profile("--model", str(folder), "--seq-len", "33", "--recipe", "baseline", "--output", str(tmp_path / "a"))
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""  # refused before the run is even announced
+    assert err.strip() == ("tfmem profile: error: `--seq-len` is 33 but tiny-roberta holds at most 32 tokens; "
+                           "use 32 or fewer.")
+    code = profile("--model", str(folder), "--seq-len", "32", "--recipe", "baseline", "--output", str(tmp_path / "b"),
+                   "--device", "cpu")
+    assert code == 0
+    assert [r["status"] for r in json.loads((tmp_path / "b" / "results.json").read_text())] == ["ok"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers as tf
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -38,13 +39,14 @@ class Recorder(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def tiny_trainer(tmp_path, **kwargs) -> Trainer:
+def tiny_trainer(tmp_path, eval_dataset=None, **kwargs) -> Trainer:
     torch.manual_seed(0)
     config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=64)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", save_strategy="no", use_cpu=True,
                              disable_tqdm=True, **kwargs)
-    return Trainer(model=tf.BertForSequenceClassification(config), args=args, train_dataset=Dataset())
+    return Trainer(model=tf.BertForSequenceClassification(config), args=args, train_dataset=Dataset(),
+                   eval_dataset=eval_dataset)
 
 
 def test_trainer_with_a_low_memory_recipe_is_profiled(tmp_path):
@@ -88,3 +90,30 @@ def test_trainer_run_logs_the_figures(tmp_path):
     # An integration registered before the profiler (as report_to's are) still receives the figures.
     assert any("tfmem/samples_per_second" in logs for logs in recorder.logs)
     assert torch._C._len_torch_dispatch_stack() == 0
+
+
+def test_a_train_that_fails_inside_a_step_leaves_nothing_behind(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=3, per_device_train_batch_size=8)
+    model = trainer.model
+    MemoryProfilerCallback.attach(trainer, limit_bytes=1000)  # below the parameters: the first op fails
+    with pytest.raises(torch.OutOfMemoryError):
+        trainer.train()
+    assert torch._C._len_torch_dispatch_stack() == 0  # no tracker intercepts later ops...
+    assert not model._forward_pre_hooks  # ...the counting hook is gone...
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # ...and the tracker's hooks
+    assert (torch.zeros(10_000) + 1).sum() == 10_000  # an op over the old limit runs
+
+
+def test_evaluation_between_steps_is_not_counted_in_the_training_peak(tmp_path):
+    peaks = {}
+    for evaluate in (False, True):
+        # One evaluation batch far larger than a training step, after every step.
+        kwargs = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=256,
+                      eval_dataset=Dataset(n=256)) if evaluate else {}
+        trainer = tiny_trainer(tmp_path, max_steps=3, per_device_train_batch_size=4, **kwargs)
+        callback = MemoryProfilerCallback.attach(trainer, memory_steps=2, warmup_steps=0)
+        trainer.train()
+        if evaluate:  # evaluation ran inside the memory window (after steps 1 and 2)
+            assert sum("eval_loss" in row for row in trainer.state.log_history) >= 2
+        peaks[evaluate] = callback.metrics()["tfmem/peak_allocated_bytes"]
+    assert peaks[True] == peaks[False]

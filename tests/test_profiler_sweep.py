@@ -153,3 +153,55 @@ def test_a_dataset_file_is_profiled_with_its_real_lengths(tmp_path, model_dir_wi
     per_sample = sum(len(x.input_ids) for x in timed) / len(timed)
     for row in rows:
         assert row["tokens_per_second"] / row["samples_per_second"] == pytest.approx(per_sample)
+
+
+def test_auto_micro_batch_trains_where_the_plain_recipe_runs_out_of_memory(tmp_path, tiny_model_dir):
+    auto = tmp_path / "auto.yaml"
+    auto.write_text("name: auto\nauto_micro_batch: true\n")
+    # The baseline's peak with a micro-batch of 8 does not fit; accumulate-4's (micro-batch 2) does.
+    base, small = (r["peak_allocated_bytes"] for r in run_sweep(spec(tiny_model_dir, "accumulate-4")))
+    limit = (base + small) // 2
+    # Memory steps: the first splits 8 into 2, the second (now with AdamW's state) into 4, the third runs.
+    s = SweepSpec(model=tiny_model_dir, recipes=(Recipe.load(str(auto)),), batch_size=8, seq_len=32, steps=1,
+                  warmup_steps=0, memory_steps=3, device="cpu", max_memory_bytes=limit)
+    rows = run_sweep(s)
+    assert [(r["recipe"], r["status"]) for r in rows] == [("baseline", "oom"), ("auto", "ok")]
+    assert rows[1]["message"] == "split each micro-batch of 8 into 4 after out-of-memory (same effective batch)"
+    # The peak is a step that ran after the split, not the refused allocation that caused it.
+    assert rows[1]["peak_allocated_bytes"] <= limit
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+def test_a_batch_that_does_not_divide_by_a_recipes_accumulation_is_refused_up_front(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"--batch-size 10 does not divide by the 4 accumulation steps of recipe "
+                                         r"'accumulate-4'.*use --batch-size 8 or 12"):
+        spec(tiny_model_dir, "accumulate-4", batch_size=10)
+
+
+def test_a_sequence_longer_than_the_models_positions_is_refused_before_training(tmp_path, monkeypatch):
+    from transformers import RobertaConfig
+
+    from tfmem.profiler import sweep
+
+    folder = tmp_path / "tiny-roberta"
+    # RoBERTa's positions start after the padding index: 34 positions hold 34 - (1 + 1) = 32 tokens.
+    RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=34, pad_token_id=1).save_pretrained(folder)
+    assert [r["status"] for r in run_sweep(spec(str(folder), seq_len=32, steps=1))] == ["ok"]
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(sweep, "build_model", must_not_train)
+    with pytest.raises(ValueError, match=r"`--seq-len` is 33 but tiny-roberta holds at most 32 tokens; use 32"):
+        run_sweep(spec(str(folder), seq_len=33))
+
+
+def test_an_empty_dataset_file_says_it_has_no_rows(tmp_path, model_dir_with_tokenizer):
+    from tfmem.profiler.batches import DatasetError
+
+    for content, message in (("text,label\n", "has no rows"), ("", "is empty")):
+        data = tmp_path / "empty.csv"
+        data.write_text(content)
+        with pytest.raises(DatasetError, match=rf"--dataset '.*empty.csv' {message}"):
+            run_sweep(spec(model_dir_with_tokenizer, dataset=str(data)))

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=160)
     try:
         spec = _spec(args)
-        _, source = resolve(spec.model)
+        config, source = resolve(spec.model)
+        spec.check_model(config, source.name)
+        _check_output(args.output)
     except RecipeError:
         raise  # the entry point prints it
     except ValueError as e:  # bad arguments: one line saying what to fix
@@ -118,8 +120,33 @@ def run(args: argparse.Namespace) -> int:
     if line := headline(rows):
         console.print(line, style="bold")
     elif not args.no_baseline:
-        console.print("No ratios: the baseline row did not run (see its status); compare the peaks directly.")
+        console.print(_no_headline_reason(rows))
     return 0
+
+
+def _no_headline_reason(rows: list[dict]) -> str:
+    """Why there is no headline ratio, by what the rows say (a baseline row is present)."""
+    base = next((r for r in rows if r["recipe"] == BASELINE.name), None)
+    if base is None or base["status"] != "ok":
+        return "No ratios: the baseline row did not run (see its status); compare the peaks directly."
+    others = [r for r in rows if r is not base]
+    if not any(r["status"] == "ok" for r in others):
+        return "No ratios: no recipe other than the baseline ran (see their status and notes)."
+    return "No ratios: the rows that ran have no peak-memory figures (use --memory-steps 1 or more)."
+
+
+def _check_output(output: str) -> None:
+    """Refuse an --output folder that cannot be created or written, before any recipe trains."""
+    folder = Path(output)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".tfmem-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"--output {output!r} cannot be written ({e.strerror or e}); give a folder you can create and write to."
+        ) from None
 
 
 def _sweep_with_progress(spec: SweepSpec, output: str) -> list[dict]:

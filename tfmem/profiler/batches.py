@@ -70,6 +70,8 @@ def dataset_samples(path: str | Path, tokenizer, count: int, seq_len: int, num_l
     kind = _LOADERS.get(path.suffix.lower())
     if kind is None:
         raise DatasetError(f"--dataset {str(path)!r}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet.")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"--dataset {str(path)!r} is empty (0 bytes); give a file with a header and at least one row.")
     import datasets
     from datasets.utils import logging as datasets_logging
 
@@ -77,6 +79,12 @@ def dataset_samples(path: str | Path, tokenizer, count: int, seq_len: int, num_l
     datasets_logging.disable_progress_bar()  # the CLI draws its own progress bar
     try:
         table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except ValueError as e:
+        # An empty file gives datasets' 'Instruction "train" corresponds to no data!', which names
+        # neither the file nor the problem.
+        if "corresponds to no data" in str(e):
+            raise DatasetError(f"--dataset {str(path)!r} has no rows; give a file with a header and at least one row.") from None
+        raise
     finally:
         if shown:
             datasets_logging.enable_progress_bar()

@@ -16,10 +16,18 @@ do not.) A short run that logs only at its end gets them in that final log.
 
 Samples and tokens are counted by a forward pre-hook on the model that reads `input_ids` and
 `attention_mask` of each training micro-batch (evaluation forwards, outside a step, are not counted).
+Memory is measured inside training steps only (`on_step_begin` to `on_step_end`), so evaluation and
+checkpointing between steps do not raise the training peak.
+
+A failed `train()` (an out-of-memory, Ctrl-C) skips `on_step_end` and `on_train_end`, which would leave
+the CPU tracker intercepting every later torch op and the hook on the model. `attach` therefore wraps
+`trainer.train` to clean up however it ends; a callback passed as `Trainer(callbacks=[...])` cleans up
+at the next `on_train_begin` (Trainer's own `auto_find_batch_size` retry), or when you call `close()`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -48,10 +56,37 @@ class MemoryProfilerCallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer: Any, **kwargs: Any) -> MemoryProfilerCallback:
-        """Add a new callback to `trainer` ahead of its other callbacks (so integrations see the figures)."""
+        """Add a new callback to `trainer` ahead of its other callbacks (so integrations see the figures).
+
+        Also wraps `trainer.train` so that a run that raises leaves nothing behind (see the module docstring).
+        """
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
+        train = trainer.train
+
+        @functools.wraps(train)
+        def train_and_clean_up(*args: Any, **train_kwargs: Any):
+            try:
+                return train(*args, **train_kwargs)
+            except BaseException:
+                callback.close(failed=True)
+                raise
+
+        trainer.train = train_and_clean_up
         return callback
+
+    def close(self, failed: bool = False) -> None:
+        """Stop measuring and remove the model hook; safe to call twice. The figures stay readable.
+
+        Args:
+            failed: training raised. The peaks are then not exchanged between ranks: only this rank may
+                have failed, and the others would never join the collective.
+        """
+        if self.profiler is not None:
+            self.profiler.close(gather=not failed)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def metrics(self) -> dict[str, float]:
         """The figures so far (empty before training)."""
@@ -60,6 +95,9 @@ class MemoryProfilerCallback(TrainerCallback):
     # -- Trainer events -------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # A previous train() that raised (Trainer's auto_find_batch_size retries after an out-of-memory)
+        # may have left a step open: end it before measuring again.
+        self.close(failed=True)
         precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
         self.profiler = Profiler(
             model,
@@ -93,11 +131,7 @@ class MemoryProfilerCallback(TrainerCallback):
             state.log_history[-1].update(figures)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.profiler is not None:
-            self.profiler.close()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self.close()
 
     # -- counting ---------------------------------------------------------------------------------
 

@@ -14,10 +14,14 @@ The one object behind all three ways in: the Trainer callback, an `accelerate` l
 
 Two windows, because on a CPU the accounting slows the steps it watches:
 
-- **memory window**: the first `memory_steps` steps. On CUDA the allocator's peak statistics are reset
-  when it opens and read when it closes (no overhead). On CPU a `LiveBytes` tracker counts every
-  tensor storage exactly, parameters and optimizer state included; it costs time, so these steps
-  are never timed. The process's peak resident memory is read over the same window.
+- **memory window**: the first `memory_steps` steps. Memory is measured *inside* each of these steps
+  only, and the window's peak is the largest step's: whatever the loop does between steps (a Trainer
+  evaluating or saving, say) is not training memory and is not counted. On CUDA the allocator's peak
+  statistics are reset at each step's start and read at its end (no overhead). On CPU a fresh
+  `LiveBytes` tracker counts every tensor storage of the step exactly, parameters and optimizer state
+  included, and is entered at the step's start and left at its end, so no dispatch mode outlives a
+  step; it costs time, so these steps are never timed. The process's peak resident memory is read
+  per step the same way.
 - **speed window**: every step after the memory window (CPU) or after the start (CUDA, where memory
   tracking is free), less `warmup_steps`. The device is synchronised before each clock read, so a
   step's time is the time its work took, not the time it took to queue. On CUDA two
@@ -96,6 +100,11 @@ class Profiler:
         self._in_step = False
         self._tracker: LiveBytes | None = None
         self._window_open = False
+        self._measuring_step = False  # a memory step is being measured (CUDA stats reset, or a tracker entered)
+        self._readings: list[dict[str, Any]] = []  # one per measured step: its peaks and breakdown
+        # CPU with limit_bytes: every memory step had an allocation refused and survived it (the loop
+        # split its micro-batch and retried), so the peak counts bytes that were never held.
+        self.peak_includes_refused = False
         self._memory: dict[str, float] = {}
         self._t0: float | None = None
         self._durations: list[float] = []
@@ -150,7 +159,9 @@ class Profiler:
         self._in_step = True
         self._step_samples, self._step_tokens, self._step_padded, self._step_max_len = 0, [], 0, 0
         if index == 0 and self.memory_steps > 0:
-            self._open_memory_window()
+            self._window_open = True
+        if self._window_open:
+            self._begin_memory_step()
         if self._timed(index):
             self._sync()
             self._t0 = time.perf_counter()
@@ -191,14 +202,21 @@ class Profiler:
             self.timed_tokens += sum(int(t) for t in self._step_tokens)
             self.timed_padded_tokens += self._step_padded
             self._timed_max_len = max(self._timed_max_len, self._step_max_len)
+        if self._measuring_step:
+            self._end_memory_step()
         if index == self.memory_steps - 1:
             self._close_memory_window()
 
-    def close(self) -> None:
-        """Stop measuring now (a failed step, the end of training): closes an open memory window."""
+    def close(self, gather: bool = True) -> None:
+        """Stop measuring now (a failed step, the end of training): closes an open memory window.
+
+        Args:
+            gather: exchange peaks with the other ranks (a collective). Pass False after a failure that
+                only this rank may have had: the other ranks would never join, and it would hang.
+        """
         self._in_step = False
-        if self._window_open:
-            self._close_memory_window()
+        if self._window_open or self._measuring_step:
+            self._close_memory_window(gather=gather)
 
     # -- the figures --------------------------------------------------------------------------
 
@@ -231,35 +249,61 @@ class Profiler:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
-    def _open_memory_window(self) -> None:
-        self._window_open = True
+    def _begin_memory_step(self) -> None:
+        self._measuring_step = True
         reset_peak_rss()
         if self.is_cuda:
             self._sync()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            # A tracker per step rather than one for the window: nothing is intercepted between steps
+            # (evaluation, checkpoints), and a loop that dies inside a step leaves at most this one entered.
             self._tracker = LiveBytes(limit_bytes=self.limit_bytes)
             self._tracker.track(*(x for x in (self.model, self.optimizer) if x is not None))
             self._tracker.__enter__()
 
-    def _close_memory_window(self, gather: bool = True) -> None:
-        if not self._window_open:
-            return
-        self._window_open = False
-        memory: dict[str, float] = {}
+    def _end_memory_step(self) -> None:
+        """Read the step's peaks and stop watching until the next step begins."""
+        self._measuring_step = False
+        reading: dict[str, Any] = {}
         if self.is_cuda:
             self._sync()
-            memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            memory["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-            memory.update(self._cuda_breakdown(memory["peak_allocated_bytes"]))
+            reading["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            reading["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            reading.update(self._cuda_breakdown(reading["peak_allocated_bytes"]))
         elif self._tracker is not None:
             tracker, self._tracker = self._tracker, None
             tracker.__exit__(None, None, None)
-            memory["peak_allocated_bytes"] = tracker.peak_bytes
-            memory.update({f"peak_{k}_bytes": v for k, v in tracker.peak_breakdown.items()})
+            reading["peak_allocated_bytes"] = tracker.peak_bytes
+            reading.update({f"peak_{k}_bytes": v for k, v in tracker.peak_breakdown.items()})
+            # The tracker notes the peak before it refuses an allocation over `limit_bytes`; a step that
+            # got past such a refusal (auto_micro_batch split and retried) has a peak that never ran.
+            reading["refused"] = tracker.requested_bytes is not None
         else:
             return
-        memory["peak_rss_bytes"] = peak_rss_bytes()
+        reading["peak_rss_bytes"] = peak_rss_bytes()
+        self._readings.append(reading)
+
+    def _close_memory_window(self, gather: bool = True) -> None:
+        if self._measuring_step:
+            self._end_memory_step()
+        if not self._window_open:
+            return
+        self._window_open = False
+        if not self._readings:
+            return
+        readings, self._readings = self._readings, []
+        # The window's peak is its largest step, preferring steps that never had an allocation refused.
+        clean = [r for r in readings if not r.get("refused")]
+        self.peak_includes_refused = not clean
+        clean = clean or readings
+        memory: dict[str, float] = dict(max(clean, key=lambda r: r["peak_allocated_bytes"]))
+        memory.pop("refused", None)
+        # Reserved (the allocator's cache) and resident memory (malloc's arenas) need not peak in the same
+        # step as the tensors do; each is the maximum over the steps.
+        for key in ("peak_reserved_bytes", "peak_rss_bytes"):
+            if key in memory:
+                memory[key] = max(r[key] for r in readings)
         if gather:
             memory.update(_gather_peaks(memory["peak_allocated_bytes"]))
         self._memory = memory

@@ -5,7 +5,7 @@ For each recipe, in this process and one after the other:
 1. a fresh model (same seed, so every recipe starts from the same weights), `recipe.prepare_model`,
    an `Accelerator` built from `recipe.accelerator_kwargs(device)`, AdamW, `accelerator.prepare`;
 2. the loop the accelerate adapter documents (`accumulation_windows`, `accelerator.accumulate`,
-   `exact_loss`), wrapped in a `Profiler`: a memory window, then untimed warm-up, then timed steps;
+   `backward_step` with the recipe's auto_micro_batch splitter), wrapped in a `Profiler`: a memory window, then untimed warm-up, then timed steps;
 3. one result row, written to disk at once (see `RowWriter`).
 
 Every recipe trains on the same samples with the same effective batch; a recipe that accumulates over
@@ -43,7 +43,7 @@ from tfmem.profiler.session import Profiler
 from tfmem.recipe import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
 from tfmem.techniques.precision import precision_problems
-from tfmem.zoo import DEFAULT_MODEL, build_model, resolve
+from tfmem.zoo import DEFAULT_MODEL, build_model, resolve, seq_len_problem
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,27 @@ class SweepSpec:
                 raise ValueError(f"--device {self.device!r} but no CUDA GPU is visible to PyTorch; use --device cpu.")
             if device.type not in ("cpu", "cuda"):
                 raise ValueError(f"--device {self.device!r}: tfmem profiles on cpu or cuda devices only.")
+        # Known before anything trains, so refused up front rather than reported as a row that did not run.
+        for recipe in self.recipes:
+            steps = recipe.gradient_accumulation_steps
+            if self.batch_size % steps:
+                lower = self.batch_size - self.batch_size % steps
+                raise ValueError(
+                    f"--batch-size {self.batch_size} does not divide by the {steps} accumulation steps of recipe "
+                    f"{recipe.name!r} (every recipe trains the same effective batch); use --batch-size "
+                    f"{max(lower, steps)} or {lower + steps}, or leave that recipe out."
+                )
+
+    def check_model(self, config, model_name: str) -> None:
+        """Refuse a model that cannot run at this `seq_len` (positions past its table fail in the first step).
+
+        Raises:
+            ValueError: `seq_len` is longer than the model holds; the message names --seq-len and the limit.
+        """
+        for key, value in self.config_overrides.items():
+            setattr(config, key, value)
+        if problem := seq_len_problem(config, self.seq_len, model_name, field="--seq-len"):
+            raise ValueError(problem)
 
     @property
     def torch_device(self) -> torch.device:
@@ -140,11 +161,13 @@ def run_sweep(spec: SweepSpec, output_dir=None, on_event: Event | None = None) -
         key of `report.CSV_COLUMNS` (None where it has no value).
 
     Raises:
-        ValueError: the model or dataset cannot be used (before anything runs).
+        ValueError: the model or dataset cannot be used, or `seq_len` is longer than the model holds
+            (before anything runs).
     """
     notify = on_event or (lambda kind, info: None)
     device = spec.torch_device
     config, source = resolve(spec.model)
+    spec.check_model(config, source.name)
     samples = _samples(spec, config, source)
     recipes = spec.all_recipes()
     writer = RowWriter(output_dir) if output_dir is not None else None
@@ -204,13 +227,20 @@ def profile_recipe(
     figures: dict[str, Any] = {}
     try:
         # Keep only the figures: the profiler holds the model, which must be gone before the next recipe.
-        figures = _train(recipe, spec, samples, micro, state, on_step).metrics(prefix="")
+        profiler = _train(recipe, spec, samples, micro, state, on_step)
+        figures = profiler.metrics(prefix="")
         row["status"] = "ok"
+        if note := _split_note(state.get("splitter"), micro):
+            if profiler.peak_includes_refused:
+                note += "; every memory step split, so the peak counts the refused allocation (raise --memory-steps)"
+            row["message"] = note
     except torch.OutOfMemoryError as e:
         row["status"] = "oom"
         row["requested_bytes"] = getattr(e, "requested_bytes", None) or _requested_from_message(str(e))
         row["oom_live_bytes"] = getattr(e, "live_bytes", None)
         row["message"] = _first_line(str(e))
+        if note := _split_note(state.get("splitter"), micro):
+            row["message"] = f"{note}; then {row['message']}"
         logger.info("recipe %s ran out of memory: %s", recipe.name, row["message"])
     except Exception as e:  # a recipe that fails is a row, not the end of the sweep
         row["message"] = f"{type(e).__name__}: {_first_line(str(e))}"
@@ -229,7 +259,7 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from tfmem.adapters.accelerate import accumulation_windows, exact_loss
+    from tfmem.adapters.accelerate import accumulation_windows, backward_step
 
     device = spec.torch_device
     # accelerate holds one state per process and refuses an Accelerator whose mixed precision differs
@@ -255,6 +285,9 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
         mixed_precision=recipe.mixed_precision,
     )
     state["profiler"] = profiler
+    # auto_micro_batch: a micro-batch that runs out of memory is halved and retried (None when off).
+    splitter = recipe.micro_batch_splitter(model)
+    state["splitter"] = splitter
     pad_to = None if spec.dataset else spec.seq_len
     pad_id = getattr(accelerator.unwrap_model(model).config, "pad_token_id", None) or 0
     for step, step_samples in enumerate(_steps(samples, spec)):
@@ -263,8 +296,7 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
             for window in accumulation_windows(batches, accelerator, model):
                 profiler.count(window.batch)
                 with accelerator.accumulate(model):
-                    outputs = model(**window.batch)
-                    accelerator.backward(exact_loss(model, outputs, window, accelerator))
+                    backward_step(model, window, accelerator, splitter)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
@@ -303,6 +335,14 @@ def _samples(spec: SweepSpec, config, source) -> list[Sample]:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _split_note(splitter, micro: int) -> str:
+    """What auto_micro_batch did, for the row's message ("" when it never split)."""
+    if splitter is None or not splitter.events:
+        return ""
+    parts = splitter.parts
+    return f"split each micro-batch of {micro} into {parts} after out-of-memory (same effective batch)"
 
 
 def _release(device: torch.device) -> None:
