@@ -77,6 +77,7 @@ def test_trainer_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(tmp
     assert splitter.parts in (2, 4)
     assert "out of memory on a micro-batch of 8 rows; retrying it as 2 x 4" in caplog.text
     assert trainer.state.global_step == 2, "the run finishes"
+    assert tracker.peak_bytes <= limit, "what ran stayed under the limit (the refused allocation was never held)"
     # The loader still hands out micro-batches of 8 (split inside): the effective batch is unchanged.
     windows = [sum(collator.micro_batches[i:i + STEPS], []) for i in range(0, len(collator.micro_batches), STEPS)]
     assert [len(w) for w in windows] == [16, 12]

@@ -313,10 +313,12 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 added += self._add_tensor(t)
         if added > 0:
-            self._note_peak()
+            # Refuse before noting the peak: like a real allocator, a refused allocation was never held,
+            # so it must not become the window's peak (a split-and-retried step would report it).
             if self.limit_bytes is not None and self.current_bytes > self.limit_bytes:
                 self.requested_bytes = added
                 raise CpuOutOfMemoryError(added, self.current_bytes, self.limit_bytes)
+            self._note_peak()
         return out
 
     # -- bookkeeping ----------------------------------------------------------------------------
