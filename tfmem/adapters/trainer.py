@@ -44,6 +44,11 @@ def _checkpointing_arg(args: TrainingArguments) -> str:
     return "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
 
 
+def arguments_precision(args: TrainingArguments) -> str:
+    """The mixed precision TrainingArguments ask for, in recipe terms: "fp16", "bf16" or "no"."""
+    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "no"
+
+
 def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
     """Ways `recipe` contradicts settings already made in `args`, or does not fit its device."""
     problems = []
@@ -64,7 +69,7 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
             micro_batch_size(args.per_device_train_batch_size, steps)
         except RecipeError as e:
             problems.extend(p.replace("the batch size", "`per_device_train_batch_size`") for p in e.problems)
-    user_precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "no"
+    user_precision = arguments_precision(args)
     # Arguments that ask for no mixed precision leave the choice to the recipe; any other choice must agree.
     if user_precision != "no" and user_precision != recipe.mixed_precision:
         problems.append(

@@ -33,6 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from tfmem.adapters.trainer import arguments_precision
 from tfmem.profiler.session import Profiler
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class MemoryProfilerCallback(TrainerCallback):
         # A previous train() that raised (Trainer's auto_find_batch_size retries after an out-of-memory)
         # may have left a step open: end it before measuring again.
         self.close(failed=True)
-        precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "no"
+        precision = arguments_precision(args)
         self.profiler = Profiler(
             model,
             optimizer,
