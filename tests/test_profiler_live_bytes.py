@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tfmem.profiler.live_bytes import CpuOutOfMemoryError, LiveBytes, storage_bytes, storage_key
+from tfmem.profiler.live_bytes import LiveBytes
+from tfmem.profiler.storages import CpuOutOfMemoryError, storage_bytes, storage_key
 
 torch.set_num_threads(1)  # tiny tensors: thread hand-offs would dominate on a shared 2-core machine
 

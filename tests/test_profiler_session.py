@@ -10,8 +10,8 @@ import transformers as tf
 from accelerate import Accelerator
 
 from tfmem.profiler import Profiler
-from tfmem.profiler.live_bytes import storage_bytes
 from tfmem.profiler.session import _gather_peaks
+from tfmem.profiler.storages import storage_bytes
 from tfmem.recipe import Recipe
 
 SEQ = 32

@@ -9,15 +9,9 @@
   report.py writes its rows (results.json, results.csv, a PNG chart).
 """
 
-from tfmem.profiler.live_bytes import (
-    CATEGORIES,
-    AllocationObserver,
-    CpuOutOfMemoryError,
-    LiveBytes,
-    storage_bytes,
-    storage_key,
-)
+from tfmem.profiler.live_bytes import CATEGORIES, AllocationObserver, LiveBytes
 from tfmem.profiler.session import Profiler
+from tfmem.profiler.storages import CpuOutOfMemoryError, storage_bytes, storage_key
 
 __all__ = [
     "CATEGORIES",

@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from tfmem.profiler.flops import peak_flops, training_flops_per_token
-from tfmem.profiler.live_bytes import CATEGORIES, LiveBytes, storage_bytes
+from tfmem.profiler.live_bytes import CATEGORIES, LiveBytes
 from tfmem.profiler.rss import peak_rss_bytes, reset_peak_rss
+from tfmem.profiler.storages import storage_bytes
 from tfmem.techniques._modules import unwrap_model
 
 logger = logging.getLogger(__name__)
