@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _real_step import batch_for, run_steps
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from tfmem.cli import main
@@ -13,7 +14,6 @@ from tfmem.estimate import estimate_memory
 from tfmem.estimate.allocator import round_allocation, simulate
 from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.recipe import Recipe
-from tfmem.techniques.precision import autocast_dtype
 
 
 def tiny_config(layers: int = 2) -> BertConfig:
@@ -28,21 +28,11 @@ def measured_peak(recipe: Recipe, batch: int, seq: int) -> int:
     recipe.prepare_model(model)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    micro = batch // recipe.gradient_accumulation_steps
-    inputs = {"input_ids": torch.randint(0, 500, (micro, seq)), "attention_mask": torch.ones(micro, seq, dtype=torch.long),
-              "labels": torch.zeros(micro, dtype=torch.long)}
-    cast = autocast_dtype(recipe.mixed_precision)
+    inputs = batch_for(recipe, batch, seq)
     tracker = LiveBytes()
     tracker.track(model, opt, inputs)
     with tracker:
-        for _ in range(2):
-            for _ in range(recipe.gradient_accumulation_steps):
-                with torch.autocast("cpu", dtype=cast or torch.bfloat16, enabled=cast is not None):
-                    loss = model(**inputs).loss
-                loss.backward()
-                del loss
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        run_steps(model, opt, inputs, recipe)
     return tracker.peak_bytes
 
 

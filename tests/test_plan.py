@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _real_step import batch_for, run_steps
 from transformers import BertConfig
 
 from tfmem.cli import main
@@ -74,7 +75,6 @@ def test_chosen_recipe_measures_within_5_percent_of_its_prediction():
     from transformers import AutoModelForSequenceClassification
 
     from tfmem.profiler.session import Profiler
-    from tfmem.techniques.precision import autocast_dtype
 
     full = estimate_memory(cfg(), None, 8, 64, device="cpu").peak_bytes
     p = plan(cfg(), 8, 64, int(full * 0.8), "cpu")
@@ -85,20 +85,9 @@ def test_chosen_recipe_measures_within_5_percent_of_its_prediction():
     recipe.prepare_model(model)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-    micro = 8 // recipe.gradient_accumulation_steps
-    batch = {"input_ids": torch.randint(0, 500, (micro, 64)), "attention_mask": torch.ones(micro, 64, dtype=torch.long),
-             "labels": torch.zeros(micro, dtype=torch.long)}
-    cast = autocast_dtype(recipe.mixed_precision)
+    batch = batch_for(recipe, 8, 64)
     profiler = Profiler(model, opt, device="cpu", memory_steps=2, warmup_steps=0)
-    for _ in range(2):
-        with profiler.step():
-            for _ in range(recipe.gradient_accumulation_steps):
-                with torch.autocast("cpu", dtype=cast or torch.bfloat16, enabled=cast is not None):
-                    loss = model(**batch).loss
-                loss.backward()
-                del loss
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    run_steps(model, opt, batch, recipe, step_context=profiler.step)
     measured = profiler.metrics()["tfmem/peak_allocated_bytes"]
     predicted = p.chosen_estimate.peak_bytes
     assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
