@@ -27,3 +27,34 @@ class RecipeError(ValueError):
 
 class UnsupportedModelError(ValueError):
     """tfmem cannot read the structure of a model (where its embeddings and encoder layers are)."""
+
+
+# Messages of out-of-memory errors that PyTorch raises as a plain RuntimeError rather than
+# torch.OutOfMemoryError. The CPU allocator does this ("DefaultCPUAllocator: can't allocate memory",
+# or a C++ std::bad_alloc surfacing as a RuntimeError); accelerate's `should_reduce_batch_size` keeps a
+# similar list for the same reason.
+_OOM_MESSAGES = (
+    "CUDA out of memory",
+    "DefaultCPUAllocator: can't allocate memory",
+    "std::bad_alloc",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED",  # what cuDNN says when its workspace cannot be allocated
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` means the device (GPU or CPU) ran out of memory.
+
+    True for `torch.OutOfMemoryError` (CUDA, and tfmem's simulated `CpuOutOfMemoryError`), Python's
+    `MemoryError`, and the plain `RuntimeError`s that the CPU allocator raises.
+
+    >>> import torch
+    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    True
+    >>> is_out_of_memory(RuntimeError("shape mismatch"))
+    False
+    """
+    import torch  # here, so that importing tfmem.errors stays cheap for the CLI's --help
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
