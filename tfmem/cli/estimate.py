@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from tfmem.cli.dataset import add_dataset_argument, estimate_with_dataset, phase_sentence
 from tfmem.estimate import GPUS, device_profile, estimate_memory
 from tfmem.profiler.units import format_bytes
 from tfmem.zoo import DEFAULT_MODEL
@@ -44,13 +45,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a known architecture name or a model directory (default {DEFAULT_MODEL})")
     p.add_argument("--recipe", default="baseline", help="a shipped recipe name, a recipe YAML, or 'baseline' (default)")
     p.add_argument("--batch-size", type=int, required=True, help="effective batch size (split by the recipe's accumulation)")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--seq-len", type=int, help="tokens per sample (required without --dataset; with it, where rows are truncated)")
+    add_dataset_argument(p)
     add_device_arguments(p)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dataset:
+        return estimate_with_dataset(args)
+    if args.seq_len is None:
+        print("tfmem estimate: error: --seq-len is required (or --dataset FILE to estimate for a dataset's lengths).", file=sys.stderr)
+        return 2
     try:
         profile = profile_from_args(args)
         est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile)
@@ -81,4 +88,5 @@ def run(args: argparse.Namespace) -> int:
     console.print("Activations kept per module (largest): " + ", ".join(f"{n} {format_bytes(v)}" for n, v in top))
     console.print(f"Peak during {est.peak_phase}; {est.method}; {est.seconds:.1f} s. "
                   + ("Add the CUDA context (~0.3-0.5 GiB) for what nvidia-smi shows." if est.reserved_bytes is not None else ""))
+    console.print(phase_sentence(est.peak_phase))
     return 0

@@ -9,6 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from tfmem.cli.dataset import add_dataset_argument, phase_sentence, plan_with_dataset
 from tfmem.cli.estimate import add_device_arguments, profile_from_args
 from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.plan import Candidate, plan
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
                                           "freezing) for the fastest recipe that fits, keeping the effective batch.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a known architecture name or a model directory (default {DEFAULT_MODEL})")
     p.add_argument("--batch-size", type=int, required=True, help="effective batch size, kept by every recipe")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--seq-len", type=int, help="tokens per sample (required without --dataset; with it, where rows are truncated)")
+    add_dataset_argument(p)
     p.add_argument("--budget", help="memory available, e.g. 8GiB; default the --gpu's memory")
     p.add_argument("--overhead", default=None, help="memory outside PyTorch's allocator (CUDA context); default 0.5GiB on CUDA, 0 on CPU")
     p.add_argument("--allow-freeze", type=int, default=0, metavar="N",
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         budget = parse_bytes(args.budget, field="--budget") if args.budget else profile.memory_bytes
         overhead = parse_bytes(args.overhead, field="--overhead") if args.overhead not in (None, "0") else (0 if args.overhead == "0" else None)
+        if args.dataset:
+            return plan_with_dataset(args, budget, overhead, profile)
+        if args.seq_len is None:
+            raise ValueError("--seq-len is required (or --dataset FILE to plan for a dataset's lengths).")
         result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
                       overhead_bytes=overhead)
     except SizeError as e:
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     est = result.chosen_estimate or result.chosen.estimate
     console.print(f"Chosen: [bold]{result.chosen.recipe.summary()}[/], micro-batch {est.micro_batch_size}: predicted peak "
                   f"{format_bytes(est.peak_bytes)} allocated ({est.method}), headroom {format_bytes(result.chosen.headroom_bytes)}.")
+    console.print(phase_sentence(est.peak_phase))
     if args.output:
         console.print(f"Wrote {args.output}; load it with Recipe.from_yaml({args.output!r}).")
     console.print(f"Planned in {result.seconds:.1f} s ({result.estimates_run} estimates).")

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tfmem.cli.dataset import dataset_line, phase_notes
 from tfmem.errors import RecipeError
 from tfmem.profiler.report import headline, table_columns, table_rows, write_chart
 from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         config, source = resolve(spec.model)
         spec.check_model(config, source.name)
         _check_output(args.output)
+        dataset = dataset_line(spec)
     except RecipeError:
         raise  # the entry point prints it
     except ValueError as e:  # bad arguments: one line saying what to fix
@@ -90,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         + (f"; {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else "")
         + (f"; memory limit {format_bytes(spec.max_memory_bytes)}" if spec.max_memory_bytes else "")
     )
+    if dataset:
+        console.print(dataset)
     started = time.perf_counter()
     try:
         rows = _sweep_with_progress(spec, args.output)
@@ -117,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     chart = write_chart(rows, output / "results.png", title=f"{source.name} on {device}, batch {spec.batch_size}")
     files = ", ".join(str(p) for p in (output / "results.json", output / "results.csv", chart) if p is not None)
     console.print(f"Wrote {files} ({time.perf_counter() - started:.0f} s)")
+    for line in phase_notes(rows):
+        console.print(line)
     if line := headline(rows):
         console.print(line, style="bold")
     elif not args.no_baseline:

@@ -73,6 +73,7 @@ class Candidate:
             "needed_bytes": self.needed_bytes,
             "headroom_bytes": self.headroom_bytes,
             "relative_time": round(self.relative_time, 4),
+            "peak_phase": self.estimate.peak_phase,
             "fits": self.fits,
         }
 

@@ -18,15 +18,10 @@ from pathlib import Path
 
 import torch
 
+# Reading a dataset file is shared with `tfmem estimate --dataset`; the names stay importable from here.
+from tfmem.data import LABEL_COLUMNS, TEXT_COLUMNS, DatasetError, load_table  # noqa: F401
+
 logger = logging.getLogger(__name__)
-
-TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
-LABEL_COLUMNS = ("label", "labels")
-_LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DatasetError(ValueError):
-    """A `--dataset` file cannot be used: the message names the file, what is wrong and the fix."""
 
 
 @dataclass(frozen=True)
@@ -60,46 +55,17 @@ def synthetic_samples(count: int, seq_len: int, vocab_size: int, num_labels: int
 def dataset_samples(path: str | Path, tokenizer, count: int, seq_len: int, num_labels: int = 2) -> list[Sample]:
     """The first `count` rows of a local csv/json/parquet file (repeated when it has fewer), tokenized.
 
+    The file is read by `tfmem.data.load_table`, as `tfmem estimate --dataset` reads it.
+
     Raises:
         FileNotFoundError: no such file.
         DatasetError: an unknown file type, no text or label column, or no rows.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--dataset {str(path)!r} does not exist; give a local .csv, .json, .jsonl or .parquet file.")
-    kind = _LOADERS.get(path.suffix.lower())
-    if kind is None:
-        raise DatasetError(f"--dataset {str(path)!r}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet.")
-    if path.stat().st_size == 0:
-        raise DatasetError(f"--dataset {str(path)!r} is empty (0 bytes); give a file with a header and at least one row.")
-    import datasets
-    from datasets.utils import logging as datasets_logging
-
-    shown = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()  # the CLI draws its own progress bar
-    try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except ValueError as e:
-        # An empty file gives datasets' 'Instruction "train" corresponds to no data!', which names
-        # neither the file nor the problem.
-        if "corresponds to no data" in str(e):
-            raise DatasetError(f"--dataset {str(path)!r} has no rows; give a file with a header and at least one row.") from None
-        raise
-    finally:
-        if shown:
-            datasets_logging.enable_progress_bar()
-    text_col = next((c for c in TEXT_COLUMNS if c in table.column_names), None)
-    label_col = next((c for c in LABEL_COLUMNS if c in table.column_names), None)
-    if text_col is None or label_col is None:
-        raise DatasetError(
-            f"--dataset {str(path)!r} has columns {table.column_names}; it needs a text column "
-            f"({' or '.join(TEXT_COLUMNS)}) and a label column ({' or '.join(LABEL_COLUMNS)})."
-        )
-    if len(table) == 0:
-        raise DatasetError(f"--dataset {str(path)!r} has no rows.")
-    rows = [table[i % len(table)] for i in range(count)]
-    encoded = tokenizer([str(r[text_col]) for r in rows], truncation=True, max_length=seq_len)
-    labels = [_label(r[label_col], num_labels, path) for r in rows]
+    table = load_table(path)
+    rows = [i % len(table) for i in range(count)]
+    encoded = tokenizer([table.texts[i] for i in rows], truncation=True, max_length=seq_len)
+    labels = [_label(table.labels[i], num_labels, path) for i in rows]
     return [Sample(torch.tensor(ids, dtype=torch.long), y) for ids, y in zip(encoded["input_ids"], labels)]
 
 

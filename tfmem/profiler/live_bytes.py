@@ -39,6 +39,8 @@ Public API:
     tracker.peak_breakdown                     # {"parameters": .., "gradients": .., "optimizer_state": ..,
                                                #  "activations": ..}, bytes, summing to peak_bytes
     tracker.reset_peak()                       # start a new measured window at the current level
+    tracker.phase = "backward"                 # set by the loop (or profiler.phases.PhaseMarker): a label
+    tracker.peak_phase                         # the `phase` standing when the peak was reached
     tracker.requested_bytes                    # bytes of the op output that crossed limit_bytes, or None
 
     CpuOutOfMemoryError                        # a torch.OutOfMemoryError: one `except` serves CUDA and CPU
@@ -163,6 +165,10 @@ class LiveBytes(TorchDispatchMode):
         self.current_bytes = 0
         self.peak_bytes = 0
         self.requested_bytes: int | None = None
+        # A label the loop sets ("forward", "backward", "optimizer"): kept with each new peak, so the
+        # phase that set the peak is known (see tfmem/profiler/phases.py).
+        self.phase: str | None = None
+        self.peak_phase: str | None = None
         # storage key -> [counted bytes, finalizer, serial, exact nbytes]. The serial names a storage for
         # its whole life and is never reused (a freed storage's address is), so roles and the peak's live
         # set use it. The exact size is kept so the free path hands the observer an integer, not a tensor.
@@ -231,6 +237,7 @@ class LiveBytes(TorchDispatchMode):
         """Start a new measured window: the peak becomes the current live bytes."""
         with self._lock:
             self.peak_bytes = self.current_bytes
+            self.peak_phase = self.phase
             self._peak_pending = True
 
     # -- the dispatch mode ----------------------------------------------------------------------
@@ -333,6 +340,7 @@ class LiveBytes(TorchDispatchMode):
     def _note_peak(self) -> None:
         if self.current_bytes > self.peak_bytes:
             self.peak_bytes = self.current_bytes
+            self.peak_phase = self.phase
             self._peak_pending = True
 
     def _before_decrease(self) -> None:

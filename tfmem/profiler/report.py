@@ -8,7 +8,10 @@
 and also: message, techniques, model, random_weights, batch_size, micro_batch_size,
 gradient_accumulation_steps, seq_len, peak_reserved_bytes (CUDA), peak_rss_bytes,
 peak_{parameters,gradients,optimizer_state,activations}_bytes, step_time_seconds, timed_steps, mfu (CUDA),
-memory_ratio_to_baseline, speed_ratio_to_baseline; for oom rows requested_bytes (the allocation that
+memory_ratio_to_baseline, speed_ratio_to_baseline, peak_phase ("forward" | "backward" | "optimizer": the
+phase of the step that set the peak, see phases.py), padding_fraction (padded positions / all positions
+of the micro-batches the row trained); with --dataset, dataset (the file's statistics: path, rows,
+mean_tokens, p50_tokens, p99_tokens, max_tokens, truncate_at, truncated_rows; JSON only); for oom rows requested_bytes (the allocation that
 failed), oom_live_bytes (CPU: live tensor bytes had it succeeded) and limit_bytes (with --max-memory).
 Figures a row does not have (an `oom` row's throughput, say) are null in JSON and empty in CSV.
 """
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tfmem.files import write_text_atomic
+from tfmem.profiler.phases import PHASE_WORDS
 from tfmem.profiler.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -31,9 +35,10 @@ REQUIRED_KEYS = ("recipe", "status", "peak_allocated_bytes", "samples_per_second
 CSV_COLUMNS = (
     "recipe", "status", "device", "model", "random_weights", "techniques", "batch_size", "micro_batch_size",
     "gradient_accumulation_steps", "seq_len", "peak_allocated_bytes", "memory_ratio_to_baseline",
+    "peak_phase",
     "peak_reserved_bytes", "peak_rss_bytes", "peak_parameters_bytes", "peak_gradients_bytes",
     "peak_optimizer_state_bytes", "peak_activations_bytes", "step_time_seconds", "samples_per_second",
-    "tokens_per_second", "speed_ratio_to_baseline", "timed_steps", "mfu", "requested_bytes", "oom_live_bytes", "limit_bytes", "message",
+    "tokens_per_second", "speed_ratio_to_baseline", "padding_fraction", "timed_steps", "mfu", "requested_bytes", "oom_live_bytes", "limit_bytes", "message",
 )
 BASELINE_NAME = "baseline"
 HEADLINE_RECIPE = "low-memory"
@@ -97,12 +102,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Headers for `table_rows`: a reserved-memory column only when some row has the figure (CUDA)."""
     reserved = ["peak reserved"] if any(r.get("peak_reserved_bytes") for r in rows) else []
-    return ["recipe", "status", "peak memory", *reserved, "vs baseline", "samples/s", "tokens/s", "note"]
+    return ["recipe", "status", "peak memory", *reserved, "vs baseline", "peak in", "samples/s", "tokens/s", "padding", "note"]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     """Rows for the terminal table, matching `table_columns`: recipe, status, peak memory (allocated),
-    peak reserved (CUDA), ratio to baseline, samples/s, tokens/s, note."""
+    peak reserved (CUDA), ratio to baseline, the phase that set the peak, samples/s, tokens/s, the padding
+    fraction, note."""
     with_reserved = any(r.get("peak_reserved_bytes") for r in rows)
     out = []
     for r in rows:
@@ -120,8 +126,10 @@ def table_rows(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             format_bytes(r.get("peak_allocated_bytes")),
             *([format_bytes(r.get("peak_reserved_bytes"))] if with_reserved else []),
             f"{ratio:.2f}x" if ratio is not None else "-",
+            PHASE_WORDS.get(r.get("peak_phase") or "", "-").replace(" pass", ""),
             _num(r.get("samples_per_second")),
             _num(r.get("tokens_per_second"), 0),
+            "-" if r.get("padding_fraction") is None else f"{r['padding_fraction']:.0%}",
             note,
         ))
     return out

@@ -46,6 +46,7 @@ from torch import nn
 
 from tfmem.profiler.flops import peak_flops, training_flops_per_token
 from tfmem.profiler.live_bytes import CATEGORIES, LiveBytes
+from tfmem.profiler.phases import PeakPhase
 from tfmem.profiler.rss import peak_rss_bytes, reset_peak_rss
 from tfmem.profiler.storages import storage_bytes
 from tfmem.techniques._modules import unwrap_model
@@ -107,6 +108,9 @@ class Profiler:
         # split its micro-batch and retried), so the peak counts bytes that were never held.
         self.peak_includes_refused = False
         self._memory: dict[str, float] = {}
+        # The phase ("forward", "backward", "optimizer") of the window's peak step's peak; None if unknown.
+        self.peak_phase: str | None = None
+        self._phases: PeakPhase | None = None
         self._t0: float | None = None
         self._durations: list[float] = []
         self._step_samples = 0
@@ -262,11 +266,15 @@ class Profiler:
             self._tracker = LiveBytes(limit_bytes=self.limit_bytes)
             self._tracker.track(*(x for x in (self.model, self.optimizer) if x is not None))
             self._tracker.__enter__()
+        if self.model is not None:
+            if self._phases is None:  # hooks only for the memory window: removed when it closes
+                self._phases = PeakPhase(self.model, self.optimizer, self.device)
+            self._phases.begin_step(self._tracker)
 
     def _end_memory_step(self) -> None:
         """Read the step's peaks and stop watching until the next step begins."""
         self._measuring_step = False
-        reading: dict[str, Any] = {}
+        reading: dict[str, Any] = {"peak_phase": self._phases.end_step() if self._phases is not None else None}
         if self.is_cuda:
             self._sync()
             reading["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
@@ -291,6 +299,9 @@ class Profiler:
         if not self._window_open:
             return
         self._window_open = False
+        if self._phases is not None:
+            self._phases.remove()
+            self._phases = None
         if not self._readings:
             return
         readings, self._readings = self._readings, []
@@ -300,6 +311,7 @@ class Profiler:
         clean = clean or readings
         memory: dict[str, float] = dict(max(clean, key=lambda r: r["peak_allocated_bytes"]))
         memory.pop("refused", None)
+        self.peak_phase = memory.pop("peak_phase", None)  # a label, kept out of the numeric metrics
         # Reserved (the allocator's cache) and resident memory (malloc's arenas) need not peak in the same
         # step as the tensors do; each is the maximum over the steps.
         for key in ("peak_reserved_bytes", "peak_rss_bytes"):

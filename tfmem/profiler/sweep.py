@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from tfmem.data import load_tokenizer, model_dataset_stats, padding_fraction
 from tfmem.profiler.batches import DatasetError, Sample, dataset_samples, micro_batches, synthetic_samples
 from tfmem.profiler.report import RowWriter, add_ratios, normalise
 from tfmem.profiler.session import Profiler
@@ -169,6 +170,8 @@ def run_sweep(spec: SweepSpec, output_dir=None, on_event: Event | None = None) -
     config, source = resolve(spec.model)
     spec.check_model(config, source.name)
     samples = _samples(spec, config, source)
+    # The file's own lengths (all rows, before truncation at --seq-len), for the header and results.json.
+    dataset = model_dataset_stats(spec.dataset, spec.model, spec.seq_len)[0].to_dict() if spec.dataset else None
     recipes = spec.all_recipes()
     writer = RowWriter(output_dir) if output_dir is not None else None
     limited = spec.max_memory_bytes is not None and device.type == "cuda"
@@ -182,6 +185,8 @@ def run_sweep(spec: SweepSpec, output_dir=None, on_event: Event | None = None) -
             notify("start", {"recipe": recipe.name, "index": index, "total": len(recipes), "steps": spec.total_steps()})
             row = profile_recipe(recipe, spec, samples, on_step=lambda i, name=recipe.name: notify("step", {"recipe": name, "step": i}))
             row.update({"model": source.name, "random_weights": source.random_weights})
+            if dataset is not None:
+                row["dataset"] = dataset
             rows.append(normalise(row))
             add_ratios(rows)
             if writer is not None:
@@ -229,6 +234,7 @@ def profile_recipe(
         # Keep only the figures: the profiler holds the model, which must be gone before the next recipe.
         profiler = _train(recipe, spec, samples, micro, state, on_step)
         figures = profiler.metrics(prefix="")
+        figures["peak_phase"] = profiler.peak_phase
         row["status"] = "ok"
         if note := _split_note(state.get("splitter"), micro):
             if profiler.peak_includes_refused:
@@ -246,6 +252,8 @@ def profile_recipe(
         row["message"] = f"{type(e).__name__}: {_first_line(str(e))}"
         logger.info("recipe %s failed", recipe.name, exc_info=True)
     finally:
+        if "padding" in state:
+            row["padding_fraction"] = padding_fraction(state["padding"])
         state.clear()  # (the exception, and with it the frames holding tensors, is gone by now)
         _release(device)
     if spec.max_memory_bytes is not None:
@@ -290,8 +298,11 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
     state["splitter"] = splitter
     pad_to = None if spec.dataset else spec.seq_len
     pad_id = getattr(accelerator.unwrap_model(model).config, "pad_token_id", None) or 0
+    state["padding"] = padded = []  # every micro-batch's attention mask, for the row's padding fraction
     for step, step_samples in enumerate(_steps(samples, spec)):
-        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in micro_batches(step_samples, micro, pad_to, pad_id)]
+        planned = micro_batches(step_samples, micro, pad_to, pad_id)
+        padded += [{"attention_mask": b["attention_mask"]} for b in planned]
+        batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in planned]
         with profiler.step():
             for window in accumulation_windows(batches, accelerator, model):
                 profiler.count(window.batch)
@@ -322,19 +333,8 @@ def _samples(spec: SweepSpec, config, source) -> list[Sample]:
     if spec.dataset is None:
         vocab = getattr(config, "vocab_size", 30522)
         return synthetic_samples(count, spec.seq_len, vocab, spec.num_labels, seed=spec.seed)
-    folder = source.path or (Path(spec.model) if Path(spec.model).is_dir() else None)
-    if folder is None or not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise DatasetError(
-            f"--dataset needs the model's tokenizer, but --model {spec.model!r} has no tokenizer files; "
-            "point --model at a Hugging Face model directory that has them (tokenizer.json or vocab.txt)."
-        )
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(spec.model)
     return dataset_samples(spec.dataset, tokenizer, count, spec.seq_len, spec.num_labels)
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 def _split_note(splitter, micro: int) -> str:
