@@ -234,8 +234,8 @@ def padding_fraction(batches: Iterable[Any]) -> float | None:
             real lengths of one micro-batch's rows (each row padded to the longest of its micro-batch).
 
     Example:
-        >>> padding_fraction([[2, 4], [3, 3]])     # 2 of 12 positions are padding
-        0.16666666666666666
+        >>> padding_fraction([[2, 4], [3, 3]])     # 2 of 14 positions are padding
+        0.14285714285714285
     """
     real = positions = 0
     for batch in batches:
