@@ -110,6 +110,17 @@ def load_tokenizer(model: str):
     Raises:
         DatasetError: the model has no tokenizer files (a name built from its configuration only).
     """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_folder(model))
+
+
+def tokenizer_folder(model: str) -> Path:
+    """The directory holding `model`'s tokenizer files.
+
+    Raises:
+        DatasetError: the model has none (a name built from its configuration only).
+    """
     from tfmem.zoo import resolve
 
     _, source = resolve(model)
@@ -119,9 +130,7 @@ def load_tokenizer(model: str):
             f"--dataset needs the model's tokenizer, but --model {model!r} has no tokenizer files; "
             "point --model at a Hugging Face model directory that has them (tokenizer.json or vocab.txt)."
         )
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
+    return folder
 
 
 def token_lengths(texts: Sequence[str], tokenizer) -> list[int]:
@@ -213,6 +222,7 @@ def model_dataset_stats(path: str | Path, model: str, truncate_at: int | None = 
     """`dataset_stats` with `model`'s tokenizer; remembered for an unchanged file (the CLI's header and
     the sweep's rows ask for the same figures)."""
     path = Path(path)
+    tokenizer_folder(model)  # a model without a tokenizer is the first thing to fix
     if not path.is_file():
         load_table(path)  # raises, naming the file
     info = path.stat()
