@@ -56,8 +56,8 @@ def step_phase(name: str | None) -> str | None:
 def explain(phase: str | None) -> str:
     """What sets a peak in `phase`, and which techniques can lower it (one sentence, for people)."""
     if phase == "optimizer":
-        return ("the peak is in the optimizer step: parameters, gradients and AdamW's two moments are live together "
-                "and activations are already freed, so checkpointing, accumulation and smaller micro-batches cannot "
+        return ("the peak is in the optimizer step: parameters, gradients and the optimizer's state (AdamW: two "
+                "moments per parameter) are live together and activations are already freed, so checkpointing, accumulation and smaller micro-batches cannot "
                 "lower it (16-bit autocast neither: the weights stay fp32); freezing layers or a lighter optimizer can")
     if phase == "backward":
         return ("the peak is in the backward pass: saved activations and the gradients computed so far are live "

@@ -235,6 +235,7 @@ class Profiler:
         Keys: peak_allocated_bytes, peak_reserved_bytes (CUDA), peak_rss_bytes,
         peak_{parameters,gradients,optimizer_state,activations}_bytes, rank{i}/peak_allocated_bytes
         (multi-process), step_time_seconds, samples_per_second, tokens_per_second, timed_steps, mfu (CUDA).
+        The phase of the step that set the peak is a label, not a figure: see `peak_phase`.
         """
         out: dict[str, float] = {f"{prefix}{k}": v for k, v in self._memory.items()}
         if self._durations:
