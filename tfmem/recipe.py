@@ -18,14 +18,23 @@ The YAML/dict keys are a public contract:
       embeddings: bert.embeddings
       layers: bert.encoder.layer
     auto_micro_batch: true                # on out-of-memory, halve the micro-batch and retry
+
+Layering: this module imports the techniques and nothing above them. The convenience methods that hand
+the recipe to a framework (`apply`, `prepare_model`, `training_arguments`, ...) import their adapter
+inside the method, when called, so `tfmem.recipe` never loads an adapter and the adapters, which take a
+Recipe, name it only for type checking (tests/test_layering.py pins this).
+
+Adding a key: give `Recipe` a field holding the technique's config piece, and add one `_Key` to `KEYS`.
+`from_dict`, `to_dict`, `to_yaml`'s comments, the type checks of `Recipe(...)`, and the unknown-key hints
+all follow from that entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +43,9 @@ import yaml
 
 from tfmem.errors import RecipeError
 from tfmem.files import write_text_atomic
+from tfmem.recipe_file import MAX_DEPTH, load_json, load_yaml, read_recipe_text
+from tfmem.shipped import shipped_recipe_names, shipped_recipe_path
+from tfmem.techniques._fields import quote, text_problem
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
@@ -45,20 +57,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
     from transformers import Trainer, TrainingArguments
-
-TOP_LEVEL_KEYS = (
-    "name",
-    "description",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "mixed_precision",
-    "freeze",
-    "modules",
-    "auto_micro_batch",
-)
-FREEZE_KEYS = ("embeddings", "layers")
-MODULES_KEYS = ("embeddings", "layers")
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -88,14 +86,21 @@ class Recipe:
     micro_batch: AutoMicroBatchConfig = field(default_factory=AutoMicroBatchConfig)
 
     def __post_init__(self) -> None:
+        # Built directly (`Recipe(freeze=...)`, `dataclasses.replace`) or by `from_dict`: the same checks,
+        # the same messages, so a wrong type fails here and not later as an AttributeError in an adapter.
         problems = []
-        if not isinstance(self.name, str) or not self.name.strip():
-            problems.append(f"`name` must be a non-empty string, got {self.name!r}; for example `name: bert-base-8gb`.")
-        if not isinstance(self.description, str):
-            problems.append(f"`description` must be a string, got {self.description!r}.")
-        problems += self.modules.problems()
+        for key in KEYS:
+            value = getattr(self, key.attribute)
+            if not isinstance(value, key.piece) and key.piece is not str:  # text keys' checks say it in YAML terms
+                problems.append(
+                    f"`{key.attribute}` must be {key.piece.__name__}, got {quote(value)} ({type(value).__name__}); "
+                    f"build recipes from their public keys, e.g. `Recipe.from_dict({{'{key.name}': ...}})` or "
+                    f"`recipe.replace({key.name}=...)`."
+                )
+            else:
+                problems += key.check(value)
         if problems:
-            raise RecipeError(problems)
+            raise RecipeError(list(dict.fromkeys(problems)))
 
     # -- flat views of the public keys ------------------------------------------------------------
 
@@ -134,37 +139,16 @@ class Recipe:
                 f"a recipe must be a mapping of keys such as `gradient_accumulation_steps: 4`, got {type(data).__name__}.",
                 source=source,
             )
-        problems = _unknown_keys(data, TOP_LEVEL_KEYS, prefix="")
+        if problems := _nesting_problems(data):
+            raise RecipeError(problems, source=source)
+        problems = _unknown_keys(data, KEY_NAMES, prefix="")
         pieces: dict[str, Any] = {}
-
-        def build(key: str, factory, *args, **kwargs) -> None:
-            try:
-                pieces[key] = factory(*args, **kwargs)
-            except RecipeError as e:
-                problems.extend(e.problems)
-
-        if "gradient_accumulation_steps" in data:
-            build("accumulation", AccumulationConfig, data["gradient_accumulation_steps"])
-        if "gradient_checkpointing" in data:
-            build("checkpointing", CheckpointingConfig, data["gradient_checkpointing"])
-        if "mixed_precision" in data:
-            build("precision", PrecisionConfig, data["mixed_precision"])
-        if "auto_micro_batch" in data:
-            build("micro_batch", AutoMicroBatchConfig, data["auto_micro_batch"])
-        for key, known, factory in (("freeze", FREEZE_KEYS, FreezeConfig), ("modules", MODULES_KEYS, ModulePaths)):
-            if key not in data or data[key] is None:
-                continue
-            section = data[key]
-            if not isinstance(section, Mapping):
-                problems.append(
-                    f"`{key}` must be a mapping such as `{key}: {{{known[0]}: ..., {known[1]}: ...}}`, got {section!r}."
-                )
-                continue
-            problems += _unknown_keys(section, known, prefix=f"{key}.")
-            build(key, factory, **{k: v for k, v in section.items() if k in known})
-        for key in ("name", "description"):
-            if key in data:
-                pieces[key] = data[key]
+        for key in KEYS:
+            if key.name in data:
+                try:
+                    pieces[key.attribute] = key.read(data[key.name])
+                except RecipeError as e:
+                    problems.extend(e.problems)
         if problems:
             raise RecipeError(problems, source=source)
         try:
@@ -174,22 +158,17 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data under the public keys; `Recipe.from_dict` inverts it exactly."""
-        out: dict[str, Any] = {"name": self.name}
-        if self.description:
-            out["description"] = self.description
-        out["gradient_accumulation_steps"] = self.accumulation.steps
-        out["gradient_checkpointing"] = self.checkpointing.enabled
-        out["mixed_precision"] = self.precision.mode
-        out["freeze"] = {"embeddings": self.freeze.embeddings, "layers": self.freeze.layers}
-        modules = {k: getattr(self.modules, k) for k in MODULES_KEYS if getattr(self.modules, k) is not None}
-        if modules:
-            out["modules"] = modules
-        if self.micro_batch.enabled:
-            out["auto_micro_batch"] = True
+        out: dict[str, Any] = {}
+        for key in KEYS:
+            value = key.write(getattr(self, key.attribute))
+            if value is not _OMIT:
+                out[key.name] = value
         return out
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some public keys changed, validated like any other recipe.
+        """A copy with some public keys changed, validated like any other recipe (a Recipe never changes).
+
+        A mapping given for `freeze` or `modules` updates that section; other values replace the key's.
 
         Example:
             >>> Recipe.from_dict({"name": "a"}).replace(gradient_accumulation_steps=2).gradient_accumulation_steps
@@ -218,18 +197,16 @@ class Recipe:
     def from_yaml(cls, path: str | os.PathLike[str]) -> Recipe:
         """Load a recipe from a YAML file (or a JSON file: JSON is YAML). Safe loading only: no code runs.
 
+        Any file answers at once: see `tfmem.recipe_file` for the limits (size, UTF-8, no aliases, no
+        duplicate keys, nesting depth, regular files only).
+
         Raises:
             FileNotFoundError: the file does not exist.
-            RecipeError: the file is not valid YAML, or the recipe in it is invalid.
+            RecipeError: the file cannot be read as a recipe file, is not valid YAML, or the recipe in it
+                is invalid.
         """
         path = Path(path)
-        text = _read(path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"the file is not valid YAML{where}: {getattr(e, 'problem', e)}.", source=str(path)) from None
+        data = load_yaml(read_recipe_text(path), source=str(path))
         if data is None:
             raise RecipeError("the file is empty; a recipe needs at least a `name`.", source=str(path))
         return cls.from_dict(data, source=str(path))
@@ -238,11 +215,7 @@ class Recipe:
     def from_json(cls, path: str | os.PathLike[str]) -> Recipe:
         """Load a recipe from a JSON file."""
         path = Path(path)
-        try:
-            data = json.loads(_read(path))
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"the file is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}.", source=str(path)) from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_json(read_recipe_text(path), source=str(path)), source=str(path))
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str]) -> Recipe:
@@ -251,9 +224,9 @@ class Recipe:
         Raises:
             RecipeError: no shipped recipe has that name and no such file exists; the message lists the names.
         """
-        from tfmem.shipped import shipped_recipe_names, shipped_recipe_path
-
         text = str(name_or_path)
+        if "\x00" in text:
+            raise RecipeError(f"the recipe name or path {quote(text)} contains a NUL character.")
         path = Path(text)
         if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
             if path.suffix.lower() == ".json":
@@ -265,7 +238,7 @@ class Recipe:
             close = difflib.get_close_matches(text, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RecipeError(
-                f"no shipped recipe is named {text!r} and no such file exists.{hint} "
+                f"no shipped recipe is named {quote(text)} and no such file exists.{hint} "
                 f"Shipped recipes: {', '.join(names)}; or give the path of a .yaml file."
             )
         return cls.from_yaml(shipped)
@@ -348,32 +321,173 @@ class Recipe:
         return ", ".join(parts) or "no techniques (baseline)"
 
 
-def _unknown_keys(data: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> list[str]:
+# -- the public keys: one entry each -------------------------------------------------------------
+
+_OMIT = object()  # `_Key.write` returns it to leave the key out of `to_dict` (a default not worth writing)
+MAX_UNKNOWN_KEYS_SHOWN = 10  # a file of 100,000 unknown keys gets ten lines and a count, not 100,000 lines
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One public recipe key: the `Recipe` field it fills, and how it is read, checked and written.
+
+    Attributes:
+        name: the key in YAML / dicts.
+        attribute: the `Recipe` field holding its value (a technique's config piece, or a plain str).
+        piece: that field's type; `Recipe(...)` refuses anything else.
+        read: public value -> field value; raises RecipeError naming the key.
+        write: field value -> public value, or `_OMIT` to leave the key out.
+        check: problems of a field value of the right type (config pieces check themselves when built).
+        comment: what the setting saves and costs, written beside it by `to_yaml`.
+    """
+
+    name: str
+    attribute: str
+    piece: type
+    read: Callable[[Any], Any]
+    write: Callable[[Any], Any]
+    check: Callable[[Any], list[str]] = lambda value: list(getattr(value, "problems", list)())
+    comment: str = ""
+
+
+def _text_check(name: str, max_chars: int, example: str, required: bool) -> Callable[[Any], list[str]]:
+    def check(value: Any) -> list[str]:
+        problem = text_problem(name, value, max_chars=max_chars, example=example, required=required)
+        return [problem] if problem else []
+
+    return check
+
+
+def _text_key(name: str, *, max_chars: int, example: str, required: bool, omit_empty: bool) -> _Key:
+    check = _text_check(name, max_chars, example, required)
+
+    def read(value: Any) -> Any:
+        if problems := check(value):
+            raise RecipeError(problems)
+        return value
+
+    return _Key(name, name, str, read, lambda v: _OMIT if omit_empty and not v else v, check)
+
+
+def _scalar_key(name: str, attribute: str, piece: type, write: Callable[[Any], Any], comment: str) -> _Key:
+    return _Key(name, attribute, piece, piece, write, comment=comment)
+
+
+def _section_key(name: str, piece: type, subkeys: tuple[str, ...], write: Callable[[Any], Any], comment: str) -> _Key:
+    """A key whose value is a mapping of `subkeys`, read into `piece(**mapping)`; null means the defaults."""
+
+    def read(section: Any) -> Any:
+        if section is None:
+            return piece()
+        if not isinstance(section, Mapping):
+            raise RecipeError(
+                f"`{name}` must be a mapping such as `{name}: {{{subkeys[0]}: ..., {subkeys[1]}: ...}}`, got {quote(section)}."
+            )
+        problems = _unknown_keys(section, subkeys, prefix=f"{name}.")
+        try:
+            built = piece(**{k: v for k, v in section.items() if k in subkeys})
+        except RecipeError as e:
+            problems += e.problems
+        if problems:
+            raise RecipeError(problems)
+        return built
+
+    return _Key(name, name, piece, read, write, comment=comment)
+
+
+KEYS: tuple[_Key, ...] = (
+    _text_key("name", max_chars=200, example="name: bert-base-8gb", required=True, omit_empty=False),
+    _text_key("description", max_chars=1000, example="description: one line", required=False, omit_empty=True),
+    _scalar_key(
+        "gradient_accumulation_steps", "accumulation", AccumulationConfig, lambda c: c.steps,
+        "micro-batch = effective batch / this; 1 = no accumulation",
+    ),
+    _scalar_key(
+        "gradient_checkpointing", "checkpointing", CheckpointingConfig, lambda c: c.enabled,
+        "true recomputes layer activations in backward: less memory, ~30% more compute",
+    ),
+    _scalar_key(
+        "mixed_precision", "precision", PrecisionConfig, lambda c: c.mode,
+        "no | fp16 | bf16; bf16 needs compute capability 8.0+ on GPU",
+    ),
+    _section_key(
+        "freeze", FreezeConfig, ("embeddings", "layers"), lambda c: {"embeddings": c.embeddings, "layers": c.layers},
+        "frozen parts get no gradient and no optimizer state (changes what is learned)",
+    ),
+    _section_key(
+        "modules", ModulePaths, ("embeddings", "layers"),
+        lambda c: {k: v for k, v in (("embeddings", c.embeddings), ("layers", c.layers)) if v is not None} or _OMIT,
+        "only for architectures tfmem cannot read by itself",
+    ),
+    _scalar_key(
+        "auto_micro_batch", "micro_batch", AutoMicroBatchConfig, lambda c: True if c.enabled else _OMIT,
+        "on out-of-memory, halve the micro-batch and retry (effective batch unchanged)",
+    ),
+)
+KEY_NAMES = tuple(k.name for k in KEYS)
+_COMMENTS = {k.name: k.comment for k in KEYS if k.comment}
+_KEY_OF_ATTRIBUTE = {k.attribute: k.name for k in KEYS}
+
+
+def _refuse_assignment(self: Recipe, name: str, value: Any = None) -> None:
+    key = _KEY_OF_ATTRIBUTE.get(name, name)
+    raise dataclasses.FrozenInstanceError(
+        f"a Recipe cannot be changed (cannot assign to `{name}`); derive a changed copy instead: "
+        f"`recipe.replace({key}=...)`, validated like any recipe, e.g. `recipe.replace(gradient_accumulation_steps=8)`."
+    )
+
+
+# Set after the class is built: `@dataclass(frozen=True)` refuses a __setattr__ in the class body, and its
+# own says only "cannot assign to field". Construction, copy and pickle do not go through __setattr__.
+Recipe.__setattr__ = _refuse_assignment  # type: ignore[method-assign, assignment]
+Recipe.__delattr__ = _refuse_assignment  # type: ignore[method-assign, assignment]
+
+
+def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], prefix: str) -> list[str]:
+    unknown = [key for key in data if key not in known]
     problems = []
-    for key in data:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {', '.join(prefix + k for k in known)}."
-        problems.append(f"unknown key `{prefix}{key}`; {hint}")
+    listed = False  # the known keys are listed once, not on every line
+    for key in unknown[:MAX_UNKNOWN_KEYS_SHOWN]:
+        shown = f"`{prefix}{key}`" if isinstance(key, str) and len(key) <= 60 and key.isprintable() else quote(key)
+        close = difflib.get_close_matches(str(key)[:100], known, n=1) if isinstance(key, str) else []
+        if close:
+            problems.append(f"unknown key {shown}; did you mean `{prefix}{close[0]}`?")
+        elif not listed:
+            problems.append(f"unknown key {shown}; known keys: {', '.join(prefix + k for k in known)}.")
+            listed = True
+        else:
+            problems.append(f"unknown key {shown}.")
+    if len(unknown) > MAX_UNKNOWN_KEYS_SHOWN:
+        problems.append(f"... and {len(unknown) - MAX_UNKNOWN_KEYS_SHOWN} more unknown keys.")
     return problems
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist; check the path, or run `tfmem recipes` for shipped names.") from None
+def _nesting_problems(data: Mapping[Any, Any]) -> list[str]:
+    """A problem per top-level key whose value nests deeper than a recipe file may (or refers to itself).
 
-
-_COMMENTS = {
-    "gradient_accumulation_steps": "micro-batch = effective batch / this; 1 = no accumulation",
-    "gradient_checkpointing": "true recomputes layer activations in backward: less memory, ~30% more compute",
-    "mixed_precision": "no | fp16 | bf16; bf16 needs compute capability 8.0+ on GPU",
-    "freeze": "frozen parts get no gradient and no optimizer state (changes what is learned)",
-    "modules": "only for architectures tfmem cannot read by itself",
-    "auto_micro_batch": "on out-of-memory, halve the micro-batch and retry (effective batch unchanged)",
-}
+    Walks each container at most once per depth it is reached at, so a structure built from shared
+    references (the dict an alias bomb expands to) costs its distinct containers, not its expansion.
+    """
+    problems = []
+    for key, value in data.items():
+        stack: list[tuple[Any, int]] = [(value, 2)]
+        deepest_seen: dict[int, int] = {}
+        while stack:
+            item, depth = stack.pop()
+            if not isinstance(item, (Mapping, list, tuple, set, frozenset)):
+                continue
+            if depth > MAX_DEPTH:
+                problems.append(
+                    f"{quote(key, 40)} is nested more than {MAX_DEPTH} levels deep (or refers to itself); a recipe has "
+                    "two levels at most, e.g. `freeze: {layers: 6}`."
+                )
+                break
+            if deepest_seen.get(id(item), 0) >= depth:
+                continue
+            deepest_seen[id(item)] = depth
+            children = [c for pair in item.items() for c in pair] if isinstance(item, Mapping) else list(item)
+            stack.extend((child, depth + 1) for child in children)
+    return problems
 
 
 def _commented_yaml(data: dict[str, Any]) -> str:

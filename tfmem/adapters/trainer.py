@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tfmem.errors import RecipeError
-from tfmem.prepare import model_problems, prepare_model
+from tfmem.log import announce
+from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
 from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
 from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.precision import precision_problems
@@ -207,7 +208,7 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
     # Always rebuild the accelerator: building TrainingArguments resets accelerate's process-wide state.
     trainer._train_batch_size = trainer.args.train_batch_size
     trainer.create_accelerator_and_postprocess()
-    prepare_model(trainer.model, recipe)
+    prepared = prepare(trainer.model, recipe)
     if needs_exact_loss(recipe, trainer.args) and trainer.compute_loss_func is None:
         trainer.compute_loss_func = ExactLoss(trainer.model)
         # Trainer counts `num_items_in_batch` from labels[..., 1:] only when transformers' LOSS_MAPPING names
@@ -218,14 +219,23 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
     if recipe.auto_micro_batch:
         _split_on_out_of_memory(trainer)
     setattr(trainer, _APPLIED, recipe.name)
-    logger.info(
-        "tfmem: applied recipe %r (%s): micro-batch %d x %d steps",
-        recipe.name,
-        recipe.summary(),
-        trainer.args.per_device_train_batch_size,
-        trainer.args.gradient_accumulation_steps,
-    )
+    warn_if_everything_frozen(prepared)
+    announce(applied_line(recipe, trainer.args, prepared))
     return trainer
+
+
+_PRECISION_WORDS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
+
+
+def applied_line(recipe: Recipe, args: TrainingArguments, prepared: Prepared) -> str:
+    """The one line `apply` shows, e.g. "tfmem: applied low-memory to the Trainer — micro-batch 4 x 4
+    accumulation = 16, bf16 autocast, checkpointing 6 layers (0-5), frozen: nothing"."""
+    micro, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    parts = [f"micro-batch {micro} x {steps} accumulation = {micro * steps}", _PRECISION_WORDS[recipe.mixed_precision]]
+    parts += prepared.parts()
+    if recipe.auto_micro_batch:
+        parts.append("micro-batch halved on out-of-memory")
+    return f"tfmem: applied {recipe.name} to the Trainer — {', '.join(parts)}"
 
 
 def _split_on_out_of_memory(trainer: Trainer) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tfmem.errors import RecipeError
-from tfmem.techniques._fields import type_problem
+from tfmem.techniques._fields import count_problem, type_problem
 from tfmem.techniques._modules import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ class AccumulationConfig:
                 f"`gradient_accumulation_steps` must be a positive integer, got {self.steps}; "
                 "use 1 for no accumulation."
             ]
-        return []
+        problem = count_problem(
+            "gradient_accumulation_steps", self.steps, minimum=1, example="gradient_accumulation_steps: 4",
+            meaning="micro-batches per optimizer step",
+        )
+        return [problem] if problem else []
 
     def __post_init__(self) -> None:
         if problems := self.problems():
@@ -72,11 +76,15 @@ def micro_batch_size(effective_batch_size: int, steps: int) -> int:
         8
     """
     if effective_batch_size % steps != 0:
+        # Two distinct multiples of `steps` around the batch (at batch 1 and steps 4: 4 or 8, not "4 or 4"),
+        # and the largest accumulation that does divide it.
         lower = effective_batch_size - effective_batch_size % steps
+        sizes = (lower, lower + steps) if lower > 0 else (steps, 2 * steps)
+        divisor = max(d for d in range(1, steps) if effective_batch_size % d == 0)
         raise RecipeError(
             f"`gradient_accumulation_steps` is {steps} but the batch size {effective_batch_size} does not divide "
-            f"by it; use a batch size that is a multiple of {steps} (for example {max(lower, steps)} or "
-            f"{lower + steps}), or change `gradient_accumulation_steps`."
+            f"by it; use a batch size that is a multiple of {steps} (for example {sizes[0]} or {sizes[1]}), "
+            f"or `gradient_accumulation_steps: {divisor}`, which divides {effective_batch_size}."
         )
     return effective_batch_size // steps
 

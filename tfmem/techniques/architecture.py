@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from tfmem.errors import UnsupportedModelError
-from tfmem.techniques._fields import type_problem
+from tfmem.techniques._fields import quote, type_problem
 
 
 @dataclass(frozen=True)
@@ -301,12 +301,12 @@ def _from_paths(model: nn.Module, family: str, paths: ModulePaths) -> Backbone:
         layers = _get(model, layers_path)
         if layers is None:
             raise UnsupportedModelError(
-                f"`modules.layers` is {paths.layers!r} but {name} has no module at that path; give the dotted path "
+                f"`modules.layers` is {quote(paths.layers)} but {name} has no module at that path; give the dotted path "
                 f"of its list of layers ({_candidates(model)})."
             )
         if not isinstance(layers, nn.ModuleList | nn.Sequential) or len(layers) == 0:
             raise UnsupportedModelError(
-                f"`modules.layers` is {paths.layers!r} but that module is a {type(layers).__name__}, not a non-empty "
+                f"`modules.layers` is {quote(paths.layers)} but that module is a {type(layers).__name__}, not a non-empty "
                 f"nn.ModuleList of layers; name the list itself ({_candidates(model)})."
             )
         found = Backbone(family, None, None, list(layers), layers_path, notes=["layers named in the recipe"])
@@ -321,7 +321,7 @@ def _from_paths(model: nn.Module, family: str, paths: ModulePaths) -> Backbone:
         parts = [p.strip() for p in paths.embeddings.split(",") if p.strip()]
         if not parts:
             raise UnsupportedModelError(
-                f"`modules.embeddings` is {paths.embeddings!r}, which names no module; give a dotted module path "
+                f"`modules.embeddings` is {quote(paths.embeddings)}, which names no module; give a dotted module path "
                 "such as `bert.embeddings` (several separated by commas)."
             )
         modules = {}
@@ -329,12 +329,12 @@ def _from_paths(model: nn.Module, family: str, paths: ModulePaths) -> Backbone:
             module = _get(model, part)
             if module is None:
                 raise UnsupportedModelError(
-                    f"`modules.embeddings` is {paths.embeddings!r} but {name} has no module at {part!r}; give the "
+                    f"`modules.embeddings` is {quote(paths.embeddings)} but {name} has no module at {quote(part)}; give the "
                     "dotted path of its embedding block (several parts separated by commas)."
                 )
             if any(_contains(module, layer) for layer in found.layers):
                 raise UnsupportedModelError(
-                    f"`modules.embeddings` is {paths.embeddings!r} but {part!r} holds the layers too; name only "
+                    f"`modules.embeddings` is {quote(paths.embeddings)} but {quote(part)} holds the layers too; name only "
                     "the modules that embed the tokens."
                 )
             modules[part] = module

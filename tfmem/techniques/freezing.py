@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tfmem.errors import RecipeError, UnsupportedModelError
-from tfmem.techniques._fields import type_problem
+from tfmem.techniques._fields import count_problem, type_problem
 from tfmem.techniques.architecture import Backbone, ModulePaths, find_backbone
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,11 @@ class FreezeConfig:
         out = []
         if problem := type_problem("freeze.embeddings", self.embeddings, bool, "freeze: {embeddings: true}"):
             out.append(problem)
-        if problem := type_problem("freeze.layers", self.layers, int, "freeze: {layers: 6}"):
+        if problem := count_problem(
+            "freeze.layers", self.layers, minimum=0, example="freeze: {layers: 6}",
+            meaning="the number of leading encoder layers to freeze",
+        ):
             out.append(problem)
-        elif self.layers < 0:
-            out.append(f"`freeze.layers` must be 0 or more (the number of leading encoder layers to freeze), got {self.layers}.")
         return out
 
     def __post_init__(self) -> None:
@@ -87,6 +88,96 @@ class FreezeResult:
     frozen_layers: int
     frozen_parameter_names: tuple[str, ...]
     trainable_parameter_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    """What a `FreezeConfig` freezes in one model and what still trains, worked out without changing it.
+
+    The profiler puts `note` in a result row; `tfmem.prepare` warns with it. Freezing every layer is
+    legal (a linear probe on a frozen encoder) but rarely meant: a 12-layer recipe such as `bert-base-8gb`
+    applied to a 6-layer model trains only the head.
+
+    Attributes:
+        embeddings: the embedding block is frozen.
+        frozen_layers: how many leading layers are frozen.
+        layer_count: how many layers the model has (None when nothing is frozen: the model was not read).
+        trainable: the parts that still train, in model order, e.g. ("layers 2-5", "bert.pooler", "classifier").
+    """
+
+    embeddings: bool
+    frozen_layers: int
+    layer_count: int | None
+    trainable: tuple[str, ...]
+
+    @property
+    def all_layers_frozen(self) -> bool:
+        return bool(self.layer_count) and self.frozen_layers >= self.layer_count  # type: ignore[operator]
+
+    @property
+    def frozen(self) -> str:
+        """What is frozen, for people: "embeddings + layers 0-5", "layers 0-1", "nothing"."""
+        parts = ["embeddings"] if self.embeddings else []
+        if self.frozen_layers:
+            parts.append(_layer_range(0, self.frozen_layers - 1))
+        return " + ".join(parts) or "nothing"
+
+    @property
+    def note(self) -> str:
+        """One line when every layer is frozen (else ""): how many, and what is left to train."""
+        if not self.all_layers_frozen:
+            return ""
+        trains = ", ".join(self.trainable) or "nothing"
+        return (
+            f"freezes all {self.layer_count} of {self.layer_count} layers{' and the embeddings' if self.embeddings else ''}; "
+            f"only {trains} train{'s' if len(self.trainable) == 1 else ''}"
+        )
+
+
+def freeze_summary(model: nn.Module, config: FreezeConfig, paths: ModulePaths | None = None) -> FreezeSummary:
+    """What `apply_freezing(model, config, paths)` would freeze, and what would still train; `model` is not changed.
+
+    Raises:
+        RecipeError: with every line of `freeze_problems`.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, vocab_size=100))
+        >>> summary = freeze_summary(model, FreezeConfig(embeddings=True, layers=2))
+        >>> summary.frozen, summary.trainable
+        ('embeddings + layers 0-1', ('bert.pooler', 'classifier'))
+        >>> summary.note
+        'freezes all 2 of 2 layers and the embeddings; only bert.pooler, classifier train'
+    """
+    if not config.enabled:
+        return FreezeSummary(False, 0, None, ("everything",))
+    if problems := freeze_problems(model, config, paths):
+        raise RecipeError(problems, source=type(model).__name__)
+    backbone = find_backbone(model, paths)
+    frozen = {id(p) for m in _modules_to_freeze(backbone, config) for p in m.parameters()}
+    layer_of = {id(p): i for i, layer in enumerate(backbone.layers) for p in layer.parameters()}
+    trainable: dict[str, None] = {}  # ordered set
+    trainable_layers: list[int] = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or id(parameter) in frozen:
+            continue
+        if id(parameter) in layer_of:
+            trainable_layers.append(layer_of[id(parameter)])
+            trainable.setdefault("layers", None)
+        else:
+            trainable.setdefault(".".join(name.split(".")[:-1][:2]) or name, None)
+    parts = [_layer_range(min(trainable_layers), max(trainable_layers)) if p == "layers" else p for p in trainable]
+    return FreezeSummary(bool(config.embeddings), config.layers, len(backbone.layers), tuple(parts))
+
+
+def _modules_to_freeze(backbone: Backbone, config: FreezeConfig) -> list[nn.Module]:
+    modules: list[nn.Module] = list(backbone.embedding_modules().values()) if config.embeddings else []
+    return modules + list(backbone.layers[: config.layers])
+
+
+def _layer_range(first: int, last: int) -> str:
+    return f"layer {first}" if first == last else f"layers {first}-{last}"
 
 
 def freeze_problems(model: nn.Module, config: FreezeConfig, paths: ModulePaths | None) -> list[str]:
@@ -169,11 +260,9 @@ def apply_freezing(model: nn.Module, config: FreezeConfig, paths: ModulePaths | 
         return FreezeResult(False, 0, (), tuple(n for n, p in model.named_parameters() if p.requires_grad))
     backbone = find_backbone(model, paths)
 
-    modules: list[nn.Module] = []
     if config.embeddings:
-        modules += backbone.embedding_modules().values()
         _warn_if_input_grads_forced(model, backbone)
-    modules += backbone.layers[: config.layers]
+    modules = _modules_to_freeze(backbone, config)
 
     names = {id(p): n for n, p in model.named_parameters()}
     frozen: dict[str, None] = {}  # ordered set

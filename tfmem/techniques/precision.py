@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tfmem.errors import RecipeError
-from tfmem.techniques._fields import type_problem
+from tfmem.techniques._fields import quote, type_problem
 
 MODES = ("no", "fp16", "bf16")
 
@@ -50,7 +50,7 @@ class PrecisionConfig:
                         'write `mixed_precision: bf16` or `fp16`, or `"no"` (quoted) for fp32.']
             return [problem]
         if self.mode not in MODES:
-            return [f"`mixed_precision` must be one of {', '.join(MODES)}; got {self.mode!r}."]
+            return [f"`mixed_precision` must be one of {', '.join(MODES)}; got {quote(self.mode)}."]
         return []
 
     def __post_init__(self) -> None:
