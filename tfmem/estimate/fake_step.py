@@ -37,6 +37,7 @@ from tfmem.estimate.attention import implementation_for
 from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.tracking import AllocationLog, device_live_bytes
 from tfmem.profiler.live_bytes import LiveBytes
+from tfmem.prepare import prepare
 from tfmem.recipe import Recipe
 from tfmem.techniques.precision import autocast_dtype
 
@@ -133,13 +134,13 @@ def run_fake_step(
         record_reserved: simulate the CUDA allocator's reserved bytes (CUDA targets only).
 
     Raises:
-        RecipeError: the recipe does not apply to this model (from `Recipe.prepare_model`).
+        RecipeError: the recipe does not apply to this model (from `tfmem.prepare.prepare`).
     """
     fake = FakeTensorMode(allow_non_fake_inputs=False)
     cast = autocast_dtype(recipe.mixed_precision)
     with fake:
         model = _build(config, model_class, device)
-        recipe.prepare_model(model)
+        prepare(model, recipe)  # quietly: the planner prepares many candidates, none of them the user's model
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = _adamw(trainable, device)
