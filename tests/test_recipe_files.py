@@ -120,6 +120,16 @@ def test_large_file_is_refused_naming_its_size_and_the_cap(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["name: x\nfreeze: {layers: [" + ",".join(["1"] * 30_000) + "]}\n", "name: x\n" + "".join(f"k{i}: {i}\n" for i in range(5000))],
+    ids=["long-list", "many-keys"],
+)
+def test_files_with_thousands_of_values_are_refused_before_they_are_built(tmp_path, text):
+    assert len(text) < MAX_RECIPE_BYTES
+    refused(Recipe.from_yaml, write(tmp_path, text), match=r"more than 1000 keys and values \(at line \d+\)")
+
+
+@pytest.mark.parametrize(
     ("data", "match"),
     [
         ("name: café\n".encode("latin-1"), r"not UTF-8 text \(byte b'\\xe9' at offset 9"),

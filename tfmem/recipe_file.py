@@ -7,7 +7,8 @@ memory, each with a message naming the file and the fix:
   `MAX_RECIPE_BYTES`, and the text must be UTF-8;
 - YAML anchors and aliases are refused: a 450-byte "alias bomb" expands into millions of nodes, and
   a recipe has nothing worth sharing;
-- nesting deeper than `MAX_DEPTH` is refused before PyYAML's recursive composer sees it;
+- nesting deeper than `MAX_DEPTH`, and more than `MAX_NODES` values, are refused before PyYAML builds
+  anything (its composer recurses, and 30,000 values in a 64 KiB file take it most of a second);
 - a key given twice is refused (PyYAML keeps the last one silently, so `gradient_accumulation_steps: 0`
   followed by `: 4` would pass, and a second `freeze:` would drop the first);
 - integers are read as YAML 1.2 reads them: `1:30` is the text "1:30", not YAML 1.1's base-60 number 90,
@@ -34,6 +35,7 @@ from tfmem.techniques._fields import quote
 
 MAX_RECIPE_BYTES = 64 * 1024  # the shipped recipes are under 1 KiB
 MAX_DEPTH = 16  # a recipe needs 2 (`freeze:` -> `layers:`)
+MAX_NODES = 1000  # keys, values and collections; a full recipe has about 20
 
 _LOADER_BASE: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when installed: same results, faster
 
@@ -220,9 +222,17 @@ _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_y
 
 def _check_events(text: str, source: str) -> None:
     """Refuse anchors, aliases and deep nesting from the event stream, before anything is built."""
-    depth = 0
+    depth = nodes = 0
     for event in yaml.parse(text, Loader=_LOADER_BASE):
         where = f"line {event.start_mark.line + 1}"
+        if isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise RecipeError(
+                    f"the file holds more than {MAX_NODES} keys and values (at {where}); a recipe has about 20: "
+                    "is this the right file?",
+                    source=source,
+                )
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             name = quote(event.anchor, 30)
             raise RecipeError(
