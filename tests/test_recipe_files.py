@@ -175,8 +175,9 @@ def test_missing_file_stays_a_file_not_found_error(tmp_path):
 # -- nesting ----------------------------------------------------------------------------------------
 
 
-def test_deep_yaml_nesting_is_refused_before_recursion(tmp_path):
-    path = write(tmp_path, "name: deep\nfreeze: " + "[" * 5000 + "]" * 5000 + "\n")
+@pytest.mark.parametrize("depth", [200, 5000])  # below and above libyaml's own limit (1,000)
+def test_deep_yaml_nesting_is_refused_before_recursion(tmp_path, depth):
+    path = write(tmp_path, "name: deep\nfreeze: " + "[" * depth + "]" * depth + "\n")
     refused(Recipe.from_yaml, path, match=r"more than 16 levels deep \(at line 2")
 
 
