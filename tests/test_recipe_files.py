@@ -192,7 +192,7 @@ def test_deep_and_self_referencing_dicts_are_refused():
     for _ in range(20_000):
         inner["layers"] = {}
         inner = inner["layers"]
-    refused(Recipe.from_dict, {"name": "deep", "freeze": deep}, match=r"'freeze' is nested more than 16 levels deep")
+    refused(Recipe.from_dict, {"name": "deep", "freeze": deep}, match=r"`freeze` is nested more than 16 levels deep")
     loop: dict = {}
     loop["layers"] = loop
     refused(Recipe.from_dict, {"name": "loop", "freeze": loop}, match=r"refers to itself")
@@ -305,6 +305,8 @@ def test_assigning_to_a_field_says_how_to_derive_a_changed_recipe():
         recipe.accumulation = AccumulationConfig(8)  # type: ignore[misc]
     with pytest.raises(AttributeError, match=r"recipe.replace"):
         del recipe.name
+    with pytest.raises(AttributeError, match=r"cannot assign to `colour`.*`recipe.replace\(<key>=\.\.\.\)` with a recipe key"):
+        recipe.colour = "red"  # type: ignore[attr-defined]
     assert recipe.replace(name="other").name == "other" and recipe.name == "r"
 
 

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import Trainer, TrainingArguments
 
+
 @dataclass(frozen=True)
 class Recipe:
     """A named, validated combination of memory techniques.
@@ -73,7 +74,10 @@ class Recipe:
     Attributes:
         name: identifies the recipe in tables and logs.
         description: one line saying what it saves and what it costs.
-        accumulation, checkpointing, precision, freeze, modules: the technique pieces.
+        accumulation, checkpointing, precision, freeze, modules, micro_batch: the technique pieces.
+
+    A recipe never changes once built; `recipe.replace(gradient_accumulation_steps=8)` derives a
+    validated copy. `Recipe(...)` built directly is checked like `from_dict`, with the same messages.
     """
 
     name: str = "custom"
@@ -430,10 +434,11 @@ _KEY_OF_ATTRIBUTE = {k.attribute: k.name for k in KEYS}
 
 
 def _refuse_assignment(self: Recipe, name: str, value: Any = None) -> None:
-    key = _KEY_OF_ATTRIBUTE.get(name, name)
+    key = _KEY_OF_ATTRIBUTE.get(name)
+    change = f"`recipe.replace({key}=...)`" if key else "`recipe.replace(<key>=...)` with a recipe key"
     raise dataclasses.FrozenInstanceError(
-        f"a Recipe cannot be changed (cannot assign to `{name}`); derive a changed copy instead: "
-        f"`recipe.replace({key}=...)`, validated like any recipe, e.g. `recipe.replace(gradient_accumulation_steps=8)`."
+        f"a Recipe cannot be changed (cannot assign to `{name}`); derive a changed copy instead: {change}, "
+        "validated like any recipe, e.g. `recipe.replace(gradient_accumulation_steps=8)`."
     )
 
 
@@ -448,7 +453,7 @@ def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], prefix: str) 
     problems = []
     listed = False  # the known keys are listed once, not on every line
     for key in unknown[:MAX_UNKNOWN_KEYS_SHOWN]:
-        shown = f"`{prefix}{key}`" if isinstance(key, str) and len(key) <= 60 and key.isprintable() else quote(key)
+        shown = _key_label(key, prefix)
         close = difflib.get_close_matches(str(key)[:100], known, n=1) if isinstance(key, str) else []
         if close:
             problems.append(f"unknown key {shown}; did you mean `{prefix}{close[0]}`?")
@@ -460,6 +465,11 @@ def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], prefix: str) 
     if len(unknown) > MAX_UNKNOWN_KEYS_SHOWN:
         problems.append(f"... and {len(unknown) - MAX_UNKNOWN_KEYS_SHOWN} more unknown keys.")
     return problems
+
+
+def _key_label(key: Any, prefix: str = "") -> str:
+    """A key as messages show it: `freeze.layers` when it is short printable text, else bounded repr."""
+    return f"`{prefix}{key}`" if isinstance(key, str) and len(key) <= 60 and key.isprintable() else quote(key, 60)
 
 
 def _nesting_problems(data: Mapping[Any, Any]) -> list[str]:
@@ -478,7 +488,7 @@ def _nesting_problems(data: Mapping[Any, Any]) -> list[str]:
                 continue
             if depth > MAX_DEPTH:
                 problems.append(
-                    f"{quote(key, 40)} is nested more than {MAX_DEPTH} levels deep (or refers to itself); a recipe has "
+                    f"{_key_label(key)} is nested more than {MAX_DEPTH} levels deep (or refers to itself); a recipe has "
                     "two levels at most, e.g. `freeze: {layers: 6}`."
                 )
                 break
