@@ -19,8 +19,11 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     """--device / --gpu / --gpu-capability / --attention, shared with `tfmem plan`."""
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="the device training will run on (default cuda)")
     p.add_argument("--gpu", help=f"a GPU by name, for its memory and compute capability: {', '.join(GPUS)}")
-    p.add_argument("--gpu-capability", metavar="X.Y", help="CUDA compute capability, e.g. 7.5 (T4) or 8.0 (A100)")
-    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa", help="attention implementation (default sdpa)")
+    p.add_argument("--gpu-capability", metavar="X.Y", help="CUDA compute capability from 3.0 to 12.x, e.g. 7.5 (T4), "
+                                                            "8.0 (A100) or 9.0 (H100)")
+    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="attention implementation when the model's config names none (default sdpa); a config "
+                        "with attn_implementation set keeps its own")
 
 
 def profile_from_args(args: argparse.Namespace):
@@ -48,6 +51,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sample (required without --dataset; with it, where rows are truncated)")
     add_dataset_argument(p)
     add_device_arguments(p)
+    p.add_argument("--no-padding", action="store_true",
+                   help="every sample fills --seq-len (packed or truncated text): the attention mask is all ones, "
+                        "transformers drops it, and 16-bit attention runs the flash kernel. Default: batches "
+                        "padded to --seq-len, as tfmem profile's are")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(run=run)
 
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         profile = profile_from_args(args)
-        est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile)
+        est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile,
+                              padded=not args.no_padding)
     except ValueError as e:  # bad sizes, model or device names; RecipeError is handled by the entry point
         if type(e).__name__ == "RecipeError":
             raise
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     for label, value in (("parameters", est.parameters_bytes), ("gradients", est.gradients_bytes),
                          ("optimizer state", est.optimizer_state_bytes), ("activations", est.activations_bytes),
                          ("cuBLAS workspaces", est.library_workspace_bytes)):
-        if value or label != "cuBLAS workspaces":
+        if value or label != "cuBLAS workspaces":  # none on a CPU
             table.add_row(label, format_bytes(value))
     table.add_row("[bold]peak allocated[/]", f"[bold]{format_bytes(est.peak_bytes)}[/]")
     if est.reserved_bytes is not None:

@@ -41,6 +41,22 @@ GPUS: dict[str, tuple[str, int, tuple[int, int]]] = {
     "a100-80gb": ("NVIDIA A100 80GB", 80 * GiB, (8, 0)),
     "h100": ("NVIDIA H100 80GB", 80 * GiB, (9, 0)),
 }
+# name -> streaming multiprocessors. CUDA's reduction kernels size their cross-block staging buffer by
+# the SM count (see `cuda_kernels.reduce_staging_bytes`); the vendors' spec sheets.
+GPU_MULTIPROCESSORS: dict[str, int] = {
+    "t4": 40, "v100": 80, "v100-32gb": 80, "rtx2080ti": 68, "rtx3060": 28, "rtx3070": 46, "rtx3080": 68,
+    "rtx3090": 82, "rtx4060": 24, "rtx4070": 46, "rtx4090": 128, "a10g": 80, "l4": 58, "a100": 108,
+    "a100-80gb": 108, "h100": 132,
+}
+# An unknown GPU (only --gpu-capability given) is assumed to be as large as an H100: more SMs make
+# larger reduction buffers, so this errs towards predicting more memory.
+DEFAULT_MULTIPROCESSORS = 132
+# CUDA's "maximum resident threads per multiprocessor" by compute capability (CUDA C Programming Guide,
+# table "Technical Specifications per Compute Capability"); also used by the reduction kernels.
+MAX_THREADS_PER_MULTIPROCESSOR = {(7, 5): 1024, (8, 6): 1536, (8, 7): 2048, (8, 9): 1536, (12, 0): 1536, (12, 1): 1536}
+# Compute capabilities CUDA has shipped: 3.0 (Kepler) to 12.x (Blackwell GeForce / DGX Spark).
+MIN_CAPABILITY, MAX_CAPABILITY_MAJOR = (3, 0), 12
+
 GPU_ALIASES = {"4090": "rtx4090", "3090": "rtx3090", "3060": "rtx3060", "3070": "rtx3070", "3080": "rtx3080",
                "4060": "rtx4060", "4070": "rtx4070", "2080ti": "rtx2080ti", "a10": "a10g"}
 
@@ -57,7 +73,9 @@ class DeviceProfile:
         name: for output, e.g. "NVIDIA T4" or "cuda (capability 8.0)".
         capability: CUDA compute capability, None for CPU (or for "any CUDA GPU").
         memory_bytes: total device memory when known, else None.
-        attention: "sdpa" (PyTorch's fused attention, the transformers default) or "eager".
+        attention: "sdpa" (PyTorch's fused attention, the transformers default) or "eager". A model or
+            config that names its own implementation overrides this (see `estimate_memory`).
+        multiprocessors: streaming multiprocessors of the GPU when known (reduction buffers depend on it).
     """
 
     type: str
@@ -65,6 +83,7 @@ class DeviceProfile:
     capability: tuple[int, int] | None = None
     memory_bytes: int | None = None
     attention: str = "sdpa"
+    multiprocessors: int | None = None
 
     def __post_init__(self) -> None:
         if self.type not in ("cpu", "cuda"):
@@ -81,17 +100,36 @@ class DeviceProfile:
 
     @property
     def library_workspace_bytes(self) -> int:
-        """cuBLAS workspaces, allocated through PyTorch's caching allocator (so counted as allocated).
+        """cuBLAS and cuBLASLt workspaces, allocated through PyTorch's caching allocator (so counted as
+        allocated) on the first matrix multiply of each thread, and kept until the process ends.
 
-        PyTorch's default (aten/src/ATen/cuda/CublasHandlePool.cpp, no CUBLAS_WORKSPACE_CONFIG) is
-        32 MiB on capability 9.0+ and 4096 KiB x 2 + 16 KiB x 8 below; cuBLASLt shares it. One workspace
-        per (handle, stream) and handles are per thread: training uses two threads (the loop, and
-        autograd's device thread for backward), hence two.
+        PyTorch's defaults (aten/src/ATen/cuda/CublasHandlePool.cpp, no CUBLAS_WORKSPACE_CONFIG or
+        CUBLASLT_WORKSPACE_SIZE set): the cuBLAS workspace is 32 MiB on capability 9.0 and newer (cuBLAS'
+        own recommendation for Hopper) and ":4096:2:16:8" below (4096 KiB x 2 + 16 KiB x 8 = 8.125 MiB);
+        the cuBLASLt workspace (addmm with a bias runs through cuBLASLt) is 1024 KiB. One of each per
+        (handle, stream), and handles are per thread: training uses two threads that multiply matrices
+        (the loop's, and autograd's device thread for backward), hence two of each.
+
+        Measured on an H200 (torch 2.11, ../shared/gpu-runs/2026-11-26-h200): after a training run every
+        tensor is gone and 66 MiB stay allocated (profile-rows-in-process.jsonl, 69206016 bytes); the
+        allocator snapshots show them as two 32 MiB and two 1 MiB blocks made before the first step.
         """
         if self.type != "cuda":
             return 0
         hopper = self.capability is not None and self.capability >= (9, 0)
-        return 2 * (32 * 2**20 if hopper else 4096 * 1024 * 2 + 16 * 1024 * 8)
+        cublas = 32 * 2**20 if hopper else 4096 * 1024 * 2 + 16 * 1024 * 8
+        cublaslt = 1024 * 1024
+        return 2 * (cublas + cublaslt)
+
+    @property
+    def multiprocessor_count(self) -> int:
+        """SMs of the GPU; `DEFAULT_MULTIPROCESSORS` when unknown."""
+        return self.multiprocessors or DEFAULT_MULTIPROCESSORS
+
+    @property
+    def max_threads_per_multiprocessor(self) -> int:
+        """Resident threads per SM for this capability (2048 where unknown, the most common value)."""
+        return MAX_THREADS_PER_MULTIPROCESSOR.get(self.capability or (9, 0), 2048)
 
     @property
     def fused_attention(self) -> bool:
@@ -134,18 +172,28 @@ class DeviceProfile:
 
 
 def parse_capability(text: str | tuple[int, int]) -> tuple[int, int]:
-    """"8.6" -> (8, 6).
+    """"8.6" -> (8, 6), checked against the capabilities CUDA has shipped (3.0 to 12.x).
 
     Raises:
-        ValueError: not of the form MAJOR.MINOR.
+        ValueError: not of the form MAJOR.MINOR, or outside 3.0-12.x; the message names the flag.
+
+    Example:
+        >>> parse_capability("8.6")
+        (8, 6)
     """
+    valid = (f"a CUDA compute capability from {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} to "
+             f"{MAX_CAPABILITY_MAJOR}.x, e.g. 7.5 (T4), 8.0 (A100) or 9.0 (H100)")
     if isinstance(text, tuple):
-        return text
-    try:
-        major, minor = str(text).strip().split(".")
-        return int(major), int(minor)
-    except ValueError:
-        raise ValueError(f"--gpu-capability must look like 7.5 or 8.0, got {text!r}.") from None
+        major, minor = text
+    else:
+        try:
+            major_text, minor_text = str(text).strip().split(".")
+            major, minor = int(major_text), int(minor_text)
+        except ValueError:
+            raise ValueError(f"--gpu-capability must be {valid}; got {text!r}.") from None
+    if not (MIN_CAPABILITY <= (major, minor) and major <= MAX_CAPABILITY_MAJOR and 0 <= minor <= 9):
+        raise ValueError(f"--gpu-capability {major}.{minor} is not {valid}.")
+    return major, minor
 
 
 def device_profile(
@@ -182,7 +230,7 @@ def device_profile(
                              "Or give --device cuda --gpu-capability X.Y and --budget.")
         name, memory, cap = GPUS[key]
         return DeviceProfile("cuda", name, parse_capability(capability) if capability else cap,
-                             memory_bytes or memory, attention)
+                             memory_bytes or memory, attention, GPU_MULTIPROCESSORS.get(key))
     kind = str(device).split(":")[0]
     if kind == "cpu":
         return DeviceProfile("cpu", "cpu", None, memory_bytes, attention)

@@ -9,6 +9,7 @@ Tests check the extrapolation against full-depth fake steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from tfmem.errors import RecipeError
+from tfmem.estimate.attention import attention_of
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.fake_step import PHASES, PhasePeak, StepMemory, num_layers_of, run_fake_step, with_depth
 from tfmem.profiler.live_bytes import CATEGORIES
@@ -89,6 +91,7 @@ def estimate_memory(
     gpu: str | None = None,
     extrapolate_depth: bool = False,
     num_labels: int = 2,
+    padded: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step of a model under a recipe, without allocating it.
 
@@ -103,6 +106,13 @@ def estimate_memory(
         extrapolate_depth: estimate a 2-4 layer copy and extrapolate to the full depth (faster for deep
             models; exact when layers are identical, as in BERT-family encoders).
         num_labels: classification classes, for configs and names.
+        padded: batches are padded to `seq_len` (an attention mask with zeros, as `tfmem profile`'s and
+            most fine-tuning batches are). False: every sample fills `seq_len` (packed or truncated text);
+            the mask is all ones, transformers drops it, and 16-bit attention runs the flash kernel.
+
+    The attention implementation is the model's or config's own when it names one
+    (`attn_implementation="eager"` on the config or the model), else the device's (`device.attention`,
+    sdpa by default): eager keeps the (batch, heads, seq, seq) probabilities, sdpa on CUDA does not.
 
     Returns:
         a `MemoryEstimate`.
@@ -125,6 +135,9 @@ def estimate_memory(
     config, model_class, model_name = model_config_of(model_or_config, num_labels)
     recipe = _recipe(recipe)
     profile = device_profile(device, gpu=gpu) if gpu or not isinstance(device, DeviceProfile) else device
+    if (own := attention_of(config)) is not None and own != profile.attention:
+        logger.info("tfmem: %s names %s attention; estimating with it", model_name, own)
+        profile = dataclasses.replace(profile, attention=own)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive whole number, got {value!r}.")
@@ -139,9 +152,10 @@ def estimate_memory(
     if recipe.freeze.layers > depth:
         raise RecipeError(f"`freeze.layers` is {recipe.freeze.layers} but {model_name} has {depth} layers; freeze at most {depth}.")
     if extrapolate_depth:
-        step, method = _extrapolated(config, model_class, recipe, micro, seq_len, profile)
+        step, method = _extrapolated(config, model_class, recipe, micro, seq_len, profile, padded)
     else:
-        step, method = run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class), "fake step"
+        step = run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class, padded=padded)
+        method = "fake step"
     phase_name, peak = max(step.phases.items(), key=lambda kv: kv[1].peak_bytes)
     split = peak.breakdown
     workspace = profile.library_workspace_bytes
@@ -196,17 +210,19 @@ def model_config_of(obj: Any, num_labels: int) -> tuple[PretrainedConfig, type[n
     )
 
 
-def _extrapolated(config, model_class, recipe: Recipe, micro: int, seq_len: int, profile: DeviceProfile):
+def _extrapolated(config, model_class, recipe: Recipe, micro: int, seq_len: int, profile: DeviceProfile,
+                  padded: bool = True):
     """Fake steps of shallow copies, extrapolated to the full depth (see module docstring)."""
     depth = num_layers_of(config)
     frozen, trainable = recipe.freeze.layers, depth - recipe.freeze.layers
     f0, t0 = min(frozen, 1), min(trainable, 2)
     if f0 + t0 + (frozen > f0) + (trainable > t0) >= depth:
-        return run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class), "fake step"
+        return run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class, padded=padded), "fake step"
 
     def run(f: int, t: int) -> StepMemory:
         r = recipe.replace(freeze={"layers": f}) if f != recipe.freeze.layers else recipe
-        return run_fake_step(with_depth(config, f + t), r, micro, seq_len, profile, model_class=model_class)
+        return run_fake_step(with_depth(config, f + t), r, micro, seq_len, profile, model_class=model_class,
+                             padded=padded)
 
     base = run(f0, t0)
     slopes = []  # (extra layers, StepMemory with one more such layer)

@@ -9,15 +9,22 @@ and an allocation log for the reserved figure, see tracking.py).
 
 The step measured is a steady-state one, the worst micro-batch of an optimizer step:
 
-- AdamW state already exists (after the first step it always does): exp_avg and exp_avg_sq per
-  trainable parameter, plus its step counter (a device tensor for the fused CUDA optimizer).
+- The optimizer's state already exists (after the first step it always does); see `build_optimizer`.
+  AdamW: exp_avg and exp_avg_sq per trainable parameter, plus its step counter (a device tensor for
+  the fused CUDA optimizer, transformers' default there).
 - With accumulation, the gradients of the earlier micro-batches are live while this one runs forward.
 - forward under autocast for fp16/bf16 (weights stay fp32; autocast's cast copies live until backward),
   loss, backward, `optimizer.step()`, `zero_grad(set_to_none=True)`.
-- The batch is padded to `seq_len` with an attention mask, as the profiler's batches are.
+- The batch is `seq_len` tokens per sample. Padded (the default, as the profiler's batches are): the
+  attention mask has zeros, so transformers builds a (batch, 1, seq, seq) mask and sdpa keeps it. Not
+  padded (every sample fills `seq_len`): the mask is all ones and transformers drops it before
+  attention (see attention.py), so the model is called without one.
+- For a CUDA target, the CUDA kernels' own allocations replace the CPU ones where they differ (dropout's
+  mask, reduction staging buffers, fused attention: kernels.py, attention.py).
 
-Not modelled: the CUDA context and cuBLAS/cuDNN workspaces (outside PyTorch's allocator), GradScaler's
-few scalars, data-loader tensors of the next batch.
+Not modelled here: the CUDA context (outside PyTorch's allocator), cuBLAS workspaces (added by the
+estimator, see `DeviceProfile.library_workspace_bytes`), GradScaler's few scalars, data-loader tensors of
+the next batch.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from tfmem.estimate.allocator import simulate
 from tfmem.estimate.attention import implementation_for
 from tfmem.estimate.device import DeviceProfile
+from tfmem.estimate.kernels import CudaKernelTemporaries, cuda_dropout
 from tfmem.estimate.tracking import AllocationLog, device_live_bytes
 from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.prepare import prepare
@@ -120,6 +128,7 @@ def run_fake_step(
     *,
     model_class: type[nn.Module] | None = None,
     record_reserved: bool = True,
+    padded: bool = True,
 ) -> StepMemory:
     """Build the model on fake tensors, apply `recipe`, run one steady-state step, account its memory.
 
@@ -132,23 +141,28 @@ def run_fake_step(
         device: the target device profile.
         model_class: a transformers model class; default AutoModelForSequenceClassification.
         record_reserved: simulate the CUDA allocator's reserved bytes (CUDA targets only).
+        padded: batches carry padding (an attention mask with zeros); False: every sample is `seq_len`
+            tokens, the mask is all ones and transformers drops it.
 
     Raises:
         RecipeError: the recipe does not apply to this model (from `tfmem.prepare.prepare`).
     """
     fake = FakeTensorMode(allow_non_fake_inputs=False)
     cast = autocast_dtype(recipe.mixed_precision)
+    # A copy: building a model writes its attention implementation into the config, and the caller's
+    # config must not come back naming tfmem's stand-in.
+    config = copy.deepcopy(config)
     with fake:
         model = _build(config, model_class, device)
         prepare(model, recipe)  # quietly: the planner prepares many candidates, none of them the user's model
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _adamw(trainable, device)
-        _init_adamw_state(optimizer, trainable)
+        optimizer = build_optimizer(trainable, device)
         if recipe.gradient_accumulation_steps > 1:
             for p in trainable:  # the earlier micro-batches' gradients
                 p.grad = torch.zeros_like(p)
         batch = _batch(model, config, micro_batch_size, seq_len)
+    inputs = batch if padded else {k: v for k, v in batch.items() if k != "attention_mask"}
 
     log = AllocationLog() if record_reserved and device.rounds_allocations else None
     tracker = device_live_bytes(device, log)
@@ -162,12 +176,15 @@ def run_fake_step(
         with ExitStack() as stack:
             stack.enter_context(fake)
             stack.enter_context(tracker)
+            if device.type == "cuda":
+                stack.enter_context(cuda_dropout())
+                stack.enter_context(CudaKernelTemporaries(device))  # inside the tracker: it counts them
             hooks.active = True
             if cast is not None:
                 with torch.autocast("cpu", dtype=cast):
-                    loss = model(**batch).loss
+                    loss = model(**inputs).loss
             else:
-                loss = model(**batch).loss
+                loss = model(**inputs).loss
             hooks.active = False
             phases["forward"] = PhasePeak(tracker.peak_bytes, tracker.peak_breakdown)
             tracker.reset_peak()
@@ -204,19 +221,27 @@ def _build(config: PretrainedConfig, model_class: type[nn.Module] | None, device
         raise
 
 
-def _adamw(params: list[nn.Parameter], device: DeviceProfile) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], device: DeviceProfile) -> torch.optim.Optimizer:
+    """The optimizer a training run on `device` uses, with its state as it stands after the first step.
+
+    AdamW as transformers' Trainer builds it by default: `adamw_torch_fused` on CUDA, plain
+    `torch.optim.AdamW` (for-loop) on CPU. One step on zero gradients creates the state exactly as the
+    optimizer itself lays it out (exp_avg, exp_avg_sq and the step counter per parameter). Other
+    optimizers (8-bit AdamW, Adafactor) belong here: the rest of the fake step only steps it.
+
+    Raises:
+        ValueError: nothing to train.
+    """
     if not params:
         raise ValueError("the recipe freezes every parameter; there is nothing to train. Freeze fewer layers.")
     impl = device.optimizer_impl
-    return torch.optim.AdamW(params, lr=1e-5, fused=impl == "fused" or None, foreach=False if impl == "for-loop" else None)
-
-
-def _init_adamw_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-    # One step on zero gradients creates the state exactly as the optimizer itself lays it out.
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=impl == "fused" or None,
+                                  foreach=False if impl == "for-loop" else None)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return optimizer
 
 
 def _batch(model: nn.Module, config: PretrainedConfig, size: int, seq_len: int) -> dict[str, torch.Tensor]:
