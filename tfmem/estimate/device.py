@@ -138,9 +138,11 @@ class DeviceProfile:
 
     @property
     def optimizer_impl(self) -> str:
-        """The AdamW implementation a run uses: transformers' default `adamw_torch_fused` on CUDA; on CPU
-        plain `torch.optim.AdamW`, whose default there is the for-loop implementation."""
-        return "fused" if self.type == "cuda" else "for-loop"
+        """The AdamW implementation a run uses: what transformers' Trainer picks by default, on either
+        device: `adamw_torch_fused` with torch >= 2.8 (`TrainingArguments.optim`), else plain
+        `torch.optim.AdamW`, for-loop on CPU and foreach on CUDA."""
+        return "fused" if _trainer_default_optimizer() == "adamw_torch_fused" else (
+            "foreach" if self.type == "cuda" else "for-loop")
 
     def precision_problems(self, mode: str) -> list[str]:
         """Why `mode` ("no", "fp16", "bf16") is not native on this device; empty when it is."""
@@ -169,6 +171,12 @@ class DeviceProfile:
             parts.append(f"capability {self.capability[0]}.{self.capability[1]}")
         parts.append(f"attention {self.attention}")
         return ", ".join(parts)
+
+
+def _trainer_default_optimizer() -> str:
+    from transformers import TrainingArguments
+
+    return str(TrainingArguments.__dataclass_fields__["optim"].default)
 
 
 def parse_capability(text: str | tuple[int, int]) -> tuple[int, int]:
