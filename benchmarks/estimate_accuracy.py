@@ -11,8 +11,8 @@ by a real `transformers.Trainer` with the recipe applied by `Recipe.apply(traine
 default optimizer (fused AdamW with torch >= 2.8) and gradient clipping. The measurement is independent
 of the estimator: on CUDA `torch.cuda.max_memory_allocated()` over the run (its steady-state steps have
 the optimizer state; cuBLAS workspaces of earlier rows stay allocated, and are part of the figure); on a
-CPU, which keeps no peak statistics, the profiler's `LiveBytes` over the whole `trainer.train()` (every
-tensor storage, exactly). Samples fill `seq_len` unless `--padded` (the mask is then all ones, which
+CPU, which keeps no peak statistics, the profiler's `LiveBytes` over the whole `trainer.train()` (the
+model and every tensor storage the run creates, exactly; not the dataset, which a GPU run keeps on the host). Samples fill `seq_len` unless `--padded` (the mask is then all ones, which
 transformers drops: the estimate is told `padded=False`).
 
 Prints a table; the last line is the largest relative error. On one H200 the CUDA run takes about
@@ -117,7 +117,9 @@ def measure(name: str, recipe: Recipe, seq_len: int, batch: int, device: str, pa
             result = {"peak": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved(),
                       "leftover": leftover}
         else:
-            tracker = LiveBytes()
+            # The dataset's tensors exist before training and are not training memory (on a GPU they stay
+            # in host memory): count the model and what the run creates (batches, gradients, state, ...).
+            tracker = LiveBytes(track_inputs=False)
             tracker.track(trainer.model)
             with tracker, quiet:
                 trainer.train()
