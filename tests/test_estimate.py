@@ -246,8 +246,7 @@ def test_cuda_target_keeps_dropout_masks_as_bytes_not_floats(monkeypatch):
 def test_explicit_eager_attention_on_a_config_or_a_model_wins_over_sdpa():
     cfg = tiny_config(2)
     sdpa = estimate_memory(cfg, None, 8, 128, device="cuda")
-    eager_cfg = tiny_config(2)
-    eager_cfg._attn_implementation = "eager"  # as BertConfig(attn_implementation="eager") sets it
+    eager_cfg = BertConfig(**{**tiny_config(2).to_diff_dict(), "attn_implementation": "eager"})
     by_config = estimate_memory(eager_cfg, None, 8, 128, device="cuda")
     eager_model = AutoModelForSequenceClassification.from_config(tiny_config(2), attn_implementation="eager")
     by_model = estimate_memory(eager_model, None, 8, 128, device="cuda")

@@ -5,7 +5,8 @@
 
 Data flow: the estimator runs the real model's training step on fake tensors with the recipe applied
 (fake_step.py), counted by the profiler's live-bytes tracker as the target device's allocator would
-count it (device.py, allocator.py, attention.py, tracking.py). The planner (plan.py, speed.py) searches
+count it (device.py, allocator.py, tracking.py), with what the target's kernels allocate where they differ
+from the CPU code the fake step runs (attention.py, kernels.py). The planner (plan.py, speed.py) searches
 recipes with it.
 """
 

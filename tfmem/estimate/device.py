@@ -1,14 +1,17 @@
 """Target devices: what the estimate models about the GPU (or CPU) that will train, not this machine.
 
-A `DeviceProfile` says four things the peak depends on:
+A `DeviceProfile` says what the peak depends on:
 
 - whether allocations are rounded as the CUDA caching allocator rounds them (512-byte blocks);
 - which kernel `scaled_dot_product_attention` runs. On CUDA, training BERT with sdpa runs the flash
-  kernel (fp16/bf16) or the memory-efficient kernel (fp32, or with a mask); both keep only the output
-  and an O(seq) logsumexp for backward. On CPU, training with attention dropout runs the math
+  kernel (fp16/bf16, no mask) or the memory-efficient kernel (fp32, or with a mask); both keep only the
+  output and an O(seq) logsumexp for backward. On CPU, training with attention dropout runs the math
   fallback, which keeps the full (batch, heads, seq, seq) probability and dropout tensors;
+- the library workspaces PyTorch allocates on the GPU (cuBLAS and cuBLASLt, by compute capability), and
+  the GPU's SM count (reduction kernels size their staging buffers by it, see kernels.py);
 - which mixed precisions the device runs natively (bf16 needs compute capability 8.0; fp16 is refused on
   CPU, see `tfmem.techniques.precision`);
+- the optimizer implementation transformers' Trainer uses there by default;
 - how much memory it has, when known (the planner's default budget).
 
 Build one with `device_profile("cuda", capability="7.5")`, `device_profile(gpu="t4")` or
