@@ -161,7 +161,7 @@ def main() -> None:
     print(f"target: {profile.describe()}; {'padded' if args.padded else 'full-length'} samples, "
           f"{args.steps} Trainer steps per row, torch {torch.__version__}")
     header = (f"{'model':18} {'recipe':14} {'seq':>4} {'batch':>5} {'predicted MiB':>14} {'measured MiB':>13} "
-              f"{'error':>8} {'peak phase':>20} {'est s':>6}")
+              f"{'error':>8} {'peak phase':>22} {'est s':>6}")
     if args.device == "cuda":
         header += f" {'pred. reserved':>14} {'reserved':>9}"
     print(header)
@@ -177,7 +177,7 @@ def main() -> None:
         error = (est.peak_bytes - got["peak"]) / got["peak"]
         errors.append((abs(error), error, name, recipe_name, seq_len, batch))
         line = (f"{name:18} {recipe_name:14} {seq_len:>4} {batch:>5} {est.peak_bytes / 2**20:>14.2f} "
-                f"{got['peak'] / 2**20:>13.2f} {error:>+8.2%} {est.peak_phase:>20} {seconds:>6.1f}")
+                f"{got['peak'] / 2**20:>13.2f} {error:>+8.2%} {est.peak_phase:>22} {seconds:>6.1f}")
         if args.device == "cuda":
             line += f" {est.reserved_bytes / 2**20:>14.0f} {got['reserved'] / 2**20:>9.0f}"
             if got["leftover"] > profile.library_workspace_bytes:
