@@ -180,7 +180,13 @@ def test_the_estimator_names_the_same_phases():
 
     cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      max_position_embeddings=64)
-    assert estimate_memory(cfg, None, batch_size=1, seq_len=2, device="cpu").peak_phase == "optimizer"
+    from tfmem.estimate import device_profile
+
+    # The estimate models the Trainer's default AdamW: fused with torch >= 2.8 (on CPU too), which makes no
+    # temporaries in its step, so a tiny batch peaks as backward ends (every gradient and the state alive);
+    # the for-loop AdamW peaks inside its step.
+    tiny = estimate_memory(cfg, None, batch_size=1, seq_len=2, device="cpu")
+    assert step_phase(tiny.peak_phase) == ("backward" if device_profile("cpu").optimizer_impl == "fused" else "optimizer")
     long = estimate_memory(cfg, None, batch_size=8, seq_len=64, device="cpu")
     assert step_phase(long.peak_phase) in ("forward", "backward")
 
