@@ -316,3 +316,45 @@ def test_cli_estimate_no_padding_predicts_less_for_16_bit(capsys):
     assert main([*args, "--no-padding"]) == 0
     unpadded = json.loads(capsys.readouterr().out)["peak_bytes"]
     assert unpadded < padded  # no mask: flash, and no float mask kept per layer
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe_name", ["baseline", "bf16", "low-memory"])
+def test_cuda_estimate_matches_a_real_trainer_run(recipe_name, tmp_path):
+    # The allocator's own peak of a real Trainer (default fused AdamW, full-length samples) against the estimate
+    # for this GPU (its capability and SM count). benchmarks/estimate_accuracy.py --device cuda does the same at
+    # bert-base/bert-large sizes.
+    import dataclasses
+
+    from transformers import Trainer, TrainingArguments
+
+    recipe = Recipe(name="baseline") if recipe_name == "baseline" else Recipe.load(recipe_name)
+    cfg = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                     vocab_size=1000, max_position_embeddings=256, num_labels=2)
+    major, minor = torch.cuda.get_device_capability()
+    props = torch.cuda.get_device_properties(0)
+    target = dataclasses.replace(device_profile("cuda", capability=f"{major}.{minor}"),
+                                 multiprocessors=props.multi_processor_count)
+    predicted = estimate_memory(cfg, recipe, 16, 256, target, padded=False).peak_bytes
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForSequenceClassification.from_config(cfg)
+    data = [{"input_ids": torch.randint(0, 1000, (256,)), "attention_mask": torch.ones(256, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(48)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=3, report_to=[],
+                             save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    recipe.apply(trainer)
+    torch.cuda.synchronize()
+    # What earlier tests left allocated, beyond the cuBLAS workspaces a first matmul makes (which the estimate
+    # includes), is not this run's.
+    leftover = max(0, torch.cuda.memory_allocated() - model_bytes(model) - target.library_workspace_bytes)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - leftover
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured, leftover)
+
+
+def model_bytes(model) -> int:
+    return sum(round_allocation(t.numel() * t.element_size()) for t in [*model.parameters(), *model.buffers()])
