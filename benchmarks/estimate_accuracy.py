@@ -94,6 +94,7 @@ def measure(name: str, recipe: Recipe, seq_len: int, batch: int, device: str, pa
     """Train `steps` optimizer steps with a real Trainer; the peak allocated bytes (and reserved on CUDA)."""
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
+    leftover = torch.cuda.memory_allocated() if device == "cuda" else 0  # earlier rows' (workspaces only, if clean)
     torch.manual_seed(0)
     config = model_config(name)
     with torch.device(device):  # initialise on the device: bert-large's random init is slow on a CPU
@@ -109,7 +110,6 @@ def measure(name: str, recipe: Recipe, seq_len: int, batch: int, device: str, pa
         quiet = contextlib.redirect_stdout(io.StringIO())  # the Trainer prints its run summary
         if device == "cuda":
             torch.cuda.synchronize()
-            leftover = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             with quiet:
                 trainer.train()
