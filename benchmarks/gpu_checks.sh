@@ -67,7 +67,7 @@ print(f\"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tr
 accelerate {accelerate.__version__}; {p.name}: {p.multi_processor_count} SMs, capability {p.major}.{p.minor}\")'"
 
 # --- 7.7 and every other test marked `cuda` ----------------------------------------------------------------
-block pytest-cuda pytest-cuda.txt 90 $PY -m pytest -m cuda -v -p no:cacheprovider -x --no-header -rfs
+block pytest-cuda pytest-cuda.txt 90 $PY -m pytest -m cuda -v -p no:cacheprovider --no-header -rfs
 
 # --- 7.1 reproducible profile rows [b7profile appends its block here] --------------------------------------
 # e.g. block profile-isolation profile-isolation.txt 90 $PY benchmarks/profile_isolation.py --device cuda \
