@@ -30,6 +30,9 @@ def test_the_summary_is_logged_once_at_the_end_in_mib_with_the_steps_it_rests_on
     assert text.startswith("tfmem: training summary on cpu")
     assert f"peak memory {format_bytes(m['tfmem/peak_allocated_bytes'])}: the peak of live tensor bytes, " \
            "the largest of steps 1-2" in text
+    phases = {"forward": "the forward pass", "backward": "the backward pass", "optimizer": "the optimizer step"}
+    assert callback.profiler.peak_phase in phases
+    assert f"steps 1-2, reached during {phases[callback.profiler.peak_phase]}" in text
     for label, key in (("parameters", "parameters"), ("gradients", "gradients"),
                        ("optimizer state", "optimizer_state"), ("activations and temporaries", "activations")):
         assert f"{label} {format_bytes(m[f'tfmem/peak_{key}_bytes'])}" in text
