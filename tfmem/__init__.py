@@ -3,21 +3,48 @@
     from tfmem import Recipe
     Recipe.load("low-memory").apply(trainer)      # a constructed transformers.Trainer
     tfmem.estimate_memory("bert-base-uncased", "low-memory", batch_size=32, seq_len=512, device="cuda")
+
+The names below are imported on first use (PEP 562 module `__getattr__`): most of them import torch
+and transformers, which takes seconds, and `import tfmem` should not cost that to a command that
+never needs them (`tfmem --help`, `tfmem --version`).
 """
 
-from tfmem.adapters.accelerate import accumulation_windows, backward_step, exact_loss
-from tfmem.errors import RecipeError, UnsupportedModelError
-from tfmem.estimate import estimate_memory, plan
-from tfmem.recipe import Recipe
+from __future__ import annotations
 
-__all__ = [
-    "Recipe",
-    "RecipeError",
-    "UnsupportedModelError",
-    "accumulation_windows",
-    "backward_step",
-    "estimate_memory",
-    "exact_loss",
-    "plan",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Recipe": "tfmem.recipe",
+    "RecipeError": "tfmem.errors",
+    "UnsupportedModelError": "tfmem.errors",
+    "ModelConfigError": "tfmem.errors",
+    "accumulation_windows": "tfmem.adapters.accelerate",
+    "backward_step": "tfmem.adapters.accelerate",
+    "exact_loss": "tfmem.adapters.accelerate",
+    "estimate_memory": "tfmem.estimate",
+    "plan": "tfmem.estimate",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports on demand
+    from tfmem.adapters.accelerate import accumulation_windows, backward_step, exact_loss
+    from tfmem.errors import ModelConfigError, RecipeError, UnsupportedModelError
+    from tfmem.estimate import estimate_memory, plan
+    from tfmem.recipe import Recipe
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tfmem' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

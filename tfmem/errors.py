@@ -29,6 +29,13 @@ class UnsupportedModelError(ValueError):
     """tfmem cannot read the structure of a model (where its embeddings and encoder layers are)."""
 
 
+class ModelConfigError(ValueError):
+    """A model directory's `config.json` cannot be read: not JSON, no `model_type`, an unknown architecture.
+
+    The message names the file, what is wrong with it and how to fix it.
+    """
+
+
 # Messages of out-of-memory errors that PyTorch raises as a plain RuntimeError rather than
 # torch.OutOfMemoryError. The CPU allocator does this ("DefaultCPUAllocator: can't allocate memory",
 # or a C++ std::bad_alloc surfacing as a RuntimeError); accelerate's `should_reduce_batch_size` keeps a

