@@ -69,9 +69,11 @@ accelerate {accelerate.__version__}; {p.name}: {p.multi_processor_count} SMs, ca
 # --- 7.7 and every other test marked `cuda` ----------------------------------------------------------------
 block pytest-cuda pytest-cuda.txt 90 $PY -m pytest -m cuda -v -p no:cacheprovider --no-header -rfs
 
-# --- 7.1 reproducible profile rows [b7profile appends its block here] --------------------------------------
-# e.g. block profile-isolation profile-isolation.txt 90 $PY benchmarks/profile_isolation.py --device cuda \
-#        --output "$scratch/profile"
+# --- 7.1 reproducible profile rows (b7profile) --------------------------------------------------------------
+# bert-base 32x512, low-memory and checkpointing: alone (1 step), after an fp16 row (3 steps), through the CLI
+# (2 steps), and a real Trainer run of each in its own process; ends with the spread (goal <= 1%) and the
+# largest difference from the Trainer (goal <= 3%). Expected 1-2 minutes (9 rows + 2 Trainer runs).
+block profile-isolation profile-isolation.txt 150 $PY benchmarks/profile_isolation.py --device cuda
 
 # --- 7.5 the estimator against real Trainer runs (~3 min on an H200) -----------------------------------
 block estimate-accuracy estimate-accuracy-cuda.txt 200 $PY benchmarks/estimate_accuracy.py --device cuda

@@ -99,9 +99,25 @@ def load_table(path: str | Path, *, need_labels: bool = True) -> Table:
         raise DatasetError(f"--dataset {str(path)!r} has columns {table.column_names}; it needs {wanted}.")
     if len(table) == 0:
         raise DatasetError(f"--dataset {str(path)!r} has no rows.")
-    texts = ["" if t is None else str(t) for t in table[text_col]]
+    texts = list(table[text_col])
+    for i, text in enumerate(texts):
+        # A number, a list or a null read as text would train on "5", "['a', 'b']" or "None" (b7profile).
+        if not isinstance(text, str):
+            raise DatasetError(
+                f"--dataset {str(path)!r} row {i + 1}: `{text_col}` is {_kind(text)}, not text; "
+                f"every `{text_col}` must be a string."
+            )
     labels = list(table[label_col]) if label_col is not None else None
     return Table(path, texts, labels, text_col, label_col)
+
+
+def _kind(value: Any) -> str:
+    """How a non-text value reads in a message: `null`, `a number (5)`, `a list (['a', 'b'])`."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    shown = repr(value)
+    return f"{kinds.get(type(value), type(value).__name__)} ({shown if len(shown) <= 40 else shown[:39] + '…'})"
 
 
 def load_tokenizer(model: str):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -15,11 +19,11 @@ from rich.table import Table
 from tfmem.cli.dataset import dataset_line, phase_notes
 from tfmem.errors import RecipeError
 from tfmem.profiler.report import headline, table_columns, table_rows, write_chart
-from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep
+from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep, trainer_defaults
 from tfmem.profiler.units import format_bytes, parse_bytes
 from tfmem.recipe import Recipe
 from tfmem.shipped import shipped_recipe_names
-from tfmem.zoo import DEFAULT_MODEL, known_model_names, resolve
+from tfmem.zoo import DEFAULT_MODEL, _packaged_minilm, known_model_names, resolve
 
 DEFAULT_OUTPUT = "tfmem-results"
 
@@ -35,7 +39,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local Hugging Face model directory or a known architecture ({', '.join(known_model_names())}); "
+                   help=f"a local Hugging Face model directory or a known architecture ({', '.join(_model_names())}); "
                         f"default {DEFAULT_MODEL}. Without local weights it is built from its configuration with random weights.")
     p.add_argument("--recipe", nargs="+", metavar="RECIPE",
                    help="shipped recipe names or YAML files (default: every shipped recipe); a baseline row "
@@ -57,11 +61,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help=f"folder for results.json, results.csv and results.png (default ./{DEFAULT_OUTPUT})")
     p.add_argument("--threads", type=int, default=0,
-                   help="PyTorch CPU threads for a CPU run (default 0: PyTorch's default, one per core). On a machine "
-                        "busy with other work, 1 gives steadier timings (OpenMP threads otherwise wait on each other); "
-                        "peak memory does not depend on it")
+                   help="PyTorch CPU threads for a CPU run (default 0: auto, the cores left idle by other work, by the "
+                        "1-minute load average, at least 1: on a busy machine extra threads wait on each other and the "
+                        "speed column stops meaning anything); peak memory does not depend on it")
     p.add_argument("--no-baseline", action="store_true", help="do not add the baseline (no techniques) row")
     p.set_defaults(run=run)
+
+
+def _model_names() -> list[str]:
+    """Model names for --help: the known architectures, and the packaged MiniLM when it is installed."""
+    names = known_model_names()
+    return names + ["all-MiniLM-L6-v2"] if _packaged_minilm() is not None else names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,36 +91,48 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     device = spec.torch_device
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
+    try:
+        with _output_lock(args.output):
+            return _run(args, spec, config, source, device, console, dataset)
+    except OutputLocked as e:
+        print(f"tfmem profile: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, spec: SweepSpec, config, source, device, console: Console, dataset: str | None) -> int:
     console.print(f"Model: {source.describe()}")
+    if note := _new_weights_note(source, config, spec.num_labels):
+        console.print(note)
+    data = f"dataset {spec.dataset} (dynamic padding, at most {spec.seq_len} tokens)" if spec.dataset else \
+        f"sequence length {spec.seq_len}, synthetic batches"
     console.print(
-        f"Device: {device}; effective batch {spec.batch_size}, sequence length {spec.seq_len}, "
-        f"{'dataset ' + spec.dataset if spec.dataset else 'synthetic batches'}; "
+        f"Device: {device}; effective batch {spec.batch_size}, {data}; "
         f"{spec.memory_steps} memory step(s), {spec.warmup_steps} warm-up, {spec.steps} timed step(s) per recipe"
-        + (f"; {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else "")
         + (f"; memory limit {format_bytes(spec.max_memory_bytes)}" if spec.max_memory_bytes else "")
     )
     if dataset:
         console.print(dataset)
+    if device.type == "cpu":
+        console.print(f"CPU threads: {spec.threads} ({args.threads_reason})")
+        cores, load = _cores_and_load()
+        if load >= cores:
+            console.print(f"This machine is busy (load average {load:.1f} on {cores} cores): samples/s are lower and "
+                          "vary from run to run; the ratios between rows hold better than the absolute figures.")
+    console.print(f"Training loop: each recipe in a fresh process; {trainer_defaults().describe()}")
     started = time.perf_counter()
     try:
-        rows = _sweep_with_progress(spec, args.output)
+        rows = _sweep_with_progress(spec, args.output, console)
     except RecipeError:
         raise
     except ValueError as e:  # the model or dataset cannot be used: found before anything ran
         print(f"tfmem profile: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(threads)
 
-    table = Table(title=f"tfmem profile: {source.name} on {device}, effective batch {spec.batch_size}")
-    for name in table_columns(rows):
-        table.add_column(name, justify="left" if name in ("recipe", "status", "note") else "right", overflow="fold")
-    for cells in table_rows(rows):
-        table.add_row(*cells, style=None if cells[1] == "ok" else "red")
+    title = f"tfmem profile: {source.name} on {device}, effective batch {spec.batch_size}"
+    table, below = results_table(rows, title, console.width)
     console.print(table)
+    for line in below:
+        console.print(line)
     if device.type == "cpu":
         console.print("Peak memory on CPU: the exact peak of live tensor bytes (parameters included); "
                       "peak_rss_bytes in results.json is the process's resident memory.")
@@ -118,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
         console.print("Peak memory: PyTorch's peak allocated bytes; peak reserved is what the caching allocator "
                       "held from the GPU, the figure that must fit in its memory.")
     output = Path(args.output)
-    chart = write_chart(rows, output / "results.png", title=f"{source.name} on {device}, batch {spec.batch_size}")
+    data_title = f"dataset {Path(spec.dataset).name}" if spec.dataset else f"synthetic, {spec.seq_len} tokens"
+    chart = write_chart(rows, output / "results.png",
+                        title=f"{source.name} on {device}, batch {spec.batch_size}, {data_title}")
     files = ", ".join(str(p) for p in (output / "results.json", output / "results.csv", chart) if p is not None)
     console.print(f"Wrote {files} ({time.perf_counter() - started:.0f} s)")
     for line in phase_notes(rows):
@@ -128,6 +152,57 @@ def run(args: argparse.Namespace) -> int:
     elif not args.no_baseline:
         console.print(_no_headline_reason(rows))
     return 0
+
+
+_NOTE_MIN = 20  # a note column narrower than this reads worse than notes under the table
+# Columns given up, in this order, when the table is wider than the terminal (results.json has them all).
+_DROP_WHEN_NARROW = ("tokens/s", "padding", "peak reserved", "peak in", "samples/s")
+
+
+def results_table(rows: list[dict], title: str, width: int) -> tuple[Table, list[str]]:
+    """The results table laid out for `width` columns, and the lines to print under it.
+
+    No cell is broken inside a word: figures and names never wrap, headers wrap only at spaces, notes go
+    under the table when a note column would be too narrow, and at the narrowest widths the least
+    needed columns are left out (and the lines below say which).
+    """
+    names = table_columns(rows)
+    cells = table_rows(rows)
+    columns = {name: [c[i] for c in cells] for i, name in enumerate(names)}
+    notes = columns.pop("note")
+
+    def span(cols: dict[str, list[str]], wrap_headers: bool, extra: int = 0) -> int:
+        widths = [max([len(v) for v in values] + [max(len(w) for w in name.split()) if wrap_headers else len(name)])
+                  for name, values in cols.items()]
+        return sum(widths) + 3 * len(widths) + 1 + extra
+
+    longest_note = max((len(n) for n in notes), default=0)
+    note_width = 3 + max(len("note"), min(longest_note, _NOTE_MIN))
+    wrap = span(columns, False, note_width) > width
+    inline_notes = span(columns, wrap, note_width) <= width
+    dropped: list[str] = []
+    for name in _DROP_WHEN_NARROW:
+        if inline_notes or span(columns, True) <= width or name not in columns:
+            continue
+        columns.pop(name)
+        dropped.append(name)
+        wrap = True
+    table = Table(title=title)
+    for name, values in columns.items():
+        header = name.replace(" ", "\n") if wrap else name
+        table.add_column(header, justify="left" if name in ("recipe", "status") else "right", no_wrap=True,
+                         min_width=max([len(v) for v in values] + [max(len(w) for w in name.split())]))
+    if inline_notes:
+        table.add_column("note", overflow="fold", ratio=1, min_width=min(max(longest_note, 4), _NOTE_MIN))
+    recipes = columns["recipe"]
+    statuses = columns["status"]
+    for i in range(len(recipes)):
+        row = [values[i] for values in columns.values()] + ([notes[i]] if inline_notes else [])
+        table.add_row(*row, style=None if statuses[i] == "ok" else "red")
+    below = [] if inline_notes else [f"note, {recipe}: {note}" for recipe, note in zip(recipes, notes) if note]
+    if dropped:
+        below.append(f"Left out at this width: {', '.join(dropped)} (all figures are in results.json).")
+    return table, below
 
 
 def _no_headline_reason(rows: list[dict]) -> str:
@@ -155,8 +230,22 @@ def _check_output(output: str) -> None:
         ) from None
 
 
-def _sweep_with_progress(spec: SweepSpec, output: str) -> list[dict]:
+def _sweep_with_progress(spec: SweepSpec, output: str, console: Console) -> list[dict]:
+    """Run the sweep with a progress bar on a terminal, or one line per recipe when stdout is a log."""
     recipes = spec.all_recipes()
+    if not console.is_terminal:
+        started = time.perf_counter()
+
+        def log_line(kind: str, info: dict) -> None:
+            if kind == "row":
+                figures = ", ".join(x for x in (
+                    f"peak {format_bytes(info['peak_allocated_bytes'])}" if info.get("peak_allocated_bytes") else "",
+                    f"{info['samples_per_second']:,.1f} samples/s" if info.get("samples_per_second") else "",
+                ) if x)
+                print(f"[{info['index'] + 1}/{info['total']}] {info['recipe']}: {info['status']}"
+                      + (f", {figures}" if figures else "") + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+
+        return run_sweep(spec, output_dir=output, on_event=log_line)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=Console(stderr=True), transient=True,
@@ -173,9 +262,121 @@ def _sweep_with_progress(spec: SweepSpec, output: str) -> list[dict]:
         return run_sweep(spec, output_dir=output, on_event=on_event)
 
 
+def auto_threads(cores: int | None = None, load: float | None = None) -> tuple[int, str]:
+    """CPU threads for the rows, and why: the cores the 1-minute load average leaves idle, at least 1.
+
+    On a busy machine OpenMP threads wait on each other (a 2-core machine with other work measured
+    `low-memory` 11.5x slower than the baseline with 2 threads, 1.4x with 1), so the speed column would
+    measure the contention rather than the recipe.
+
+    Example:
+        >>> auto_threads(cores=2, load=2.7)
+        (1, 'auto: load average 2.7 on 2 cores; --threads N to choose')
+        >>> auto_threads(cores=8, load=0.2)[0]
+        8
+    """
+    if cores is None or load is None:
+        measured_cores, measured_load = _cores_and_load()
+        cores = measured_cores if cores is None else cores
+        load = measured_load if load is None else load
+    threads = max(1, min(cores, math.floor(cores - load + 0.5)))
+    return threads, f"auto: load average {load:.1f} on {cores} cores; --threads N to choose"
+
+
+def _cores_and_load() -> tuple[int, float]:
+    """The cores this process may use and the 1-minute load average (0 where the system has none)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on this system: assume idle
+        load = 0.0
+    return cores, load
+
+
+class OutputLocked(ValueError):
+    """Another `tfmem profile` is writing into the same --output folder."""
+
+
+LOCK_NAME = ".tfmem-profile.lock"
+
+
+@contextlib.contextmanager
+def _output_lock(output: str) -> Iterator[None]:
+    """Hold an exclusive lock on --output for the whole sweep, so two sweeps never overwrite each other's rows.
+
+    `fcntl.flock` on a lock file: the kernel drops it when the process dies (even by kill -9), so a stale
+    file never blocks a later run. The file holds the owner's PID for the message. Where there is no
+    `fcntl` (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(output) / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise OutputLocked(
+                f"--output {output!r} is in use by another tfmem profile (PID {owner}); wait for it to finish "
+                "or give another --output folder."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _new_weights_note(source, config, num_labels: int) -> str:
+    """Once, in tfmem's words, which weights the local checkpoint lacks (transformers' LOAD REPORT, which
+    each row's process keeps quiet): usually just the new classification head, as in any fine-tuning."""
+    if source.path is None or source.random_weights:
+        return ""
+    try:
+        from safetensors import safe_open
+
+        files = sorted(Path(source.path).glob("*.safetensors"))
+        if not files:
+            return ""
+        stored: set[str] = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                stored.update(f.keys())
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        config.num_labels = num_labels
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+        prefix = f"{model.base_model_prefix}."
+        have = {k.removeprefix(prefix) for k in stored}
+        missing = [k for k in model.state_dict() if k.removeprefix(prefix) not in have]
+    except Exception:  # noqa: BLE001 - a note only: never stop the profile for it
+        return ""
+    if not missing:
+        return ""
+    heads = sorted({k.rsplit(".", 1)[0] for k in missing})
+    what = "classifier head" if all(h.startswith("classifier") for h in heads) else ", ".join(heads)
+    return (f"Newly initialised (not in the checkpoint): the {what} ({len(missing)} tensors), as in any "
+            "fine-tuning; every row starts from the same initialisation.")
+
+
 def _spec(args: argparse.Namespace) -> SweepSpec:
     if args.threads < 0:
-        raise ValueError(f"--threads must be 0 (PyTorch's default) or a number of threads, got {args.threads}.")
+        raise ValueError(f"--threads must be 0 (auto) or a number of threads, got {args.threads}.")
+    if args.threads > 0:
+        threads, args.threads_reason = args.threads, "--threads"
+    else:
+        threads, args.threads_reason = auto_threads()
     names = args.recipe or shipped_recipe_names()
     # "baseline" names the reference row the sweep adds anyway; listing it just keeps it.
     recipes = tuple(Recipe.load(n) for n in names if n != BASELINE.name)
@@ -192,4 +393,5 @@ def _spec(args: argparse.Namespace) -> SweepSpec:
         dataset=args.dataset,
         max_memory_bytes=max_memory,
         include_baseline=not args.no_baseline,
+        threads=threads,
     )

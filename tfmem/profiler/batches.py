@@ -52,17 +52,39 @@ def synthetic_samples(count: int, seq_len: int, vocab_size: int, num_labels: int
     ]
 
 
-def dataset_samples(path: str | Path, tokenizer, count: int, seq_len: int, num_labels: int = 2) -> list[Sample]:
+def dataset_samples(
+    path: str | Path,
+    tokenizer,
+    count: int,
+    seq_len: int,
+    num_labels: int = 2,
+    *,
+    batch_size: int | None = None,
+    info: dict | None = None,
+) -> list[Sample]:
     """The first `count` rows of a local csv/json/parquet file (repeated when it has fewer), tokenized.
 
     The file is read by `tfmem.data.load_table`, as `tfmem estimate --dataset` reads it.
 
+    Args:
+        batch_size: the effective batch: a file with fewer rows than one batch is refused (its rows
+            would be repeated inside every batch, which no real run does).
+        info: filled with {"rows": rows in the file} when given.
+
     Raises:
         FileNotFoundError: no such file.
-        DatasetError: an unknown file type, no text or label column, or no rows.
+        DatasetError: an unknown file type, no text or label column, no rows, a text that is not a
+            string (see `load_table`), or fewer rows than `batch_size`.
     """
     path = Path(path)
     table = load_table(path)
+    if batch_size is not None and len(table) < batch_size:
+        raise DatasetError(
+            f"--dataset {str(path)!r} has {len(table)} row(s), fewer than one batch of --batch-size {batch_size}; "
+            f"use --batch-size {len(table)} or less, or a file with at least {batch_size} rows."
+        )
+    if info is not None:
+        info["rows"] = len(table)
     rows = [i % len(table) for i in range(count)]
     encoded = tokenizer([table.texts[i] for i in rows], truncation=True, max_length=seq_len)
     labels = [_label(table.labels[i], num_labels, path) for i in rows]

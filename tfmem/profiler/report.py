@@ -6,7 +6,10 @@
     tokens_per_second, device
 
 and also: message, techniques, model, random_weights, batch_size, micro_batch_size,
-gradient_accumulation_steps, seq_len, peak_reserved_bytes (CUDA), peak_rss_bytes,
+gradient_accumulation_steps, seq_len (synthetic: every sample's padded length; with a dataset: its longest
+sample after truncation), max_seq_len (the truncation limit), padding (how micro-batches were padded),
+optimizer (the Trainer default the loop used, e.g. "adamw_torch_fused"), cpu_threads (CPU runs),
+peak_reserved_bytes (CUDA), peak_rss_bytes,
 peak_{parameters,gradients,optimizer_state,activations}_bytes, step_time_seconds, timed_steps, mfu (CUDA),
 memory_ratio_to_baseline, speed_ratio_to_baseline, peak_phase ("forward" | "backward" | "optimizer": the
 phase of the step that set the peak, see phases.py), padding_fraction (padded positions / all positions
@@ -34,7 +37,8 @@ logger = logging.getLogger(__name__)
 REQUIRED_KEYS = ("recipe", "status", "peak_allocated_bytes", "samples_per_second", "tokens_per_second", "device")
 CSV_COLUMNS = (
     "recipe", "status", "device", "model", "random_weights", "techniques", "batch_size", "micro_batch_size",
-    "gradient_accumulation_steps", "seq_len", "peak_allocated_bytes", "memory_ratio_to_baseline",
+    "gradient_accumulation_steps", "seq_len", "max_seq_len", "padding", "optimizer", "cpu_threads",
+    "peak_allocated_bytes", "memory_ratio_to_baseline",
     "peak_phase",
     "peak_reserved_bytes", "peak_rss_bytes", "peak_parameters_bytes", "peak_gradients_bytes",
     "peak_optimizer_state_bytes", "peak_activations_bytes", "step_time_seconds", "samples_per_second",
