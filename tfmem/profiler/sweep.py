@@ -534,7 +534,11 @@ def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on
     context = _process_context()
     receiver, sender = context.Pipe(duplex=False)
     plain = [(s.input_ids.tolist(), s.label) for s in samples]  # plain data: no tensor sharing to set up
-    process = context.Process(target=_child_main, args=(sender, recipe, spec, plain),
+    # The row logs as this process would: the CLI's logging set-up (WARNING, or INFO with -v) is not
+    # inherited by a forked-from-the-server process, and without it every row would print apply's summary.
+    root = logging.getLogger()
+    setup = (root.level, [h.formatter._fmt for h in root.handlers if h.formatter is not None][:1]) if root.handlers else None
+    process = context.Process(target=_child_main, args=(sender, recipe, spec, plain, setup),
                               name=f"tfmem-profile-{recipe.name}", daemon=True)
     process.start()
     sender.close()  # the child holds the only writing end: EOF when it dies
@@ -571,9 +575,12 @@ def _death_message(exitcode: int | None) -> str:
             "in each row's process; or use SweepSpec(isolate=False))")
 
 
-def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]]) -> None:
+def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]], setup=None) -> None:
     """The body of a row's process: profile one recipe, send step events and the row, exit."""
     try:
+        if setup is not None:
+            level, formats = setup
+            logging.basicConfig(level=level, **({"format": formats[0]} if formats else {}))
         if spec.threads:
             torch.set_num_threads(spec.threads)
         device = spec.torch_device
