@@ -280,3 +280,24 @@ def test_a_recipe_that_freezes_every_layer_says_so_in_its_note(tiny_model_dir):
     row = rows[1]
     assert row["status"] == "ok"
     assert row["message"] == "froze all 6 layers and the embeddings: only the head trains"
+
+
+def test_a_row_whose_process_is_killed_is_an_error_row_and_the_sweep_goes_on(tiny_model_dir):
+    """As the kernel's out-of-memory killer does it: SIGKILL to the row's process in the middle of its steps."""
+    import multiprocessing
+    import os
+    import signal
+
+    killed = []
+
+    def on_event(kind, info):
+        if kind == "step" and info["recipe"] == "baseline" and not killed:
+            for process in multiprocessing.active_children():
+                if process.name == "tfmem-profile-baseline":
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+
+    rows = run_sweep(spec(tiny_model_dir, "checkpointing", memory_steps=2, steps=2), on_event=on_event)
+    assert killed
+    assert [(r["recipe"], r["status"]) for r in rows] == [("baseline", "error"), ("checkpointing", "ok")]
+    assert rows[0]["message"].startswith("the recipe's process was killed by SIGKILL (the system's out-of-memory killer")
