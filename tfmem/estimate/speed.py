@@ -1,87 +1,256 @@
-"""How the planner ranks recipes by speed: a relative time per sample, 1.0 = fp32, no techniques.
+"""How the planner ranks recipes by speed: a predicted step time, and a time per sample relative to fp32.
 
-    time per sample = compute(layers) x precision factor x micro-batch factor
+On a GPU (calibrated on an H200, compute capability 9.0), one optimizer step of `batch` samples run as
+`n` micro-batches of `m` samples of `s` tokens costs
 
-- **compute**: a layer costs 1 unit forward and 2 backward (input and weight gradients), so 3 per
-  trainable layer. Checkpointing adds one forward (+1) to each checkpointed layer: +33%. A frozen layer
-  skips its weight gradients (2 units); in a frozen prefix behind frozen embeddings backward stops
-  before it (1 unit, and it is not checkpointed). Normalised by 3 x layers.
-- **precision**: fp16/bf16 autocast runs matrix work on tensor cores; end-to-end BERT fine-tuning steps
-  are about 2x faster on Volta and newer (0.5). On a CPU, bf16 measured 0.66 (fp16 is never planned there).
-- **micro-batch**: each forward/backward has a fixed cost (kernel launches, small kernels that do not
-  fill the device) worth about `OVERHEAD_TOKENS` tokens of work, so a micro-batch of m samples of s
-  tokens costs (m*s + OVERHEAD_TOKENS) / (m*s) per token. Accumulation keeps the effective batch but
-  runs smaller micro-batches, so it is slower only through this term.
+    step = n x max(compute(micro-batch) + per-micro-batch cost, launch floor)
 
-The GPU constants are documented defaults, not measurements of the user's GPU; the ranking only needs
-them to order recipes, and their orders of magnitude (checkpointing ~1.33x, mixed precision ~0.5x,
-micro-batches under ~1-2k tokens lose efficiency) are the commonly measured ones. The CPU constants were
-calibrated with `python benchmarks/speed_model.py` on the 2-core development machine (AMD EPYC with
-AVX-512 bf16; bert-mini, batch 16 x 128): a micro-batch's fixed cost is about 48 tokens there, not 2048,
-and bf16 runs in 0.66 of the fp32 time. `benchmarks/speed_model.py --device cuda` measures the GPU
-side. Override any of them with `SpeedModel(...)`.
+- **compute** = units x tokens x (F / throughput[precision] + hidden x elementwise[precision]), where F is
+  the matmul FLOPs of one layer per token (2 x (4h^2 + 2h x intermediate) + 4 x s x h for attention) and a
+  *unit* is one layer's forward: a trainable layer costs 3 (forward, input and weight gradients), a
+  checkpointed one 4 (its forward again), a frozen one 2, or 1 in a frozen prefix behind frozen
+  embeddings (backward stops before it). So the model depends on hidden size, depth and sequence length.
+- **launch floor**: the host-side cost of issuing one micro-batch's kernels, `launch[precision]` per
+  layer (`checkpoint_launch[precision]` for a checkpointed layer, which re-runs its forward through
+  autograd hooks: about twice as much). Small micro-batches in 16-bit are bound by it: bf16 at
+  micro-batch 8 measured 4x the time of micro-batch 32 per sample on the H200. Accumulation keeps the
+  effective batch but pays the floor per micro-batch.
+- **per-micro-batch cost**: embeddings, head, loss and the step's small kernels, seen in fp32 (micro-batch
+  8 is 14% slower than 32 even there). It overlaps the launch floor: a launch-bound micro-batch has idle
+  GPU time for them.
+
+Precisions: fp32, tf32 (fp32 weights and activations, TF32 tensor-core matmuls), bf16 and fp16 autocast.
+The capability-9.0 constants are a least-squares fit on log step time to the 48 configurations of
+`../shared/gpu-runs/2026-11-26-h200/speed-grid.json` (NVIDIA H200, torch 2.11, bert-base and bert-large at
+batch 32 x 512, measured at tfmem commit 730a4d8); refit with
+`python benchmarks/speed_model.py --grid FILE --fit`. Other capabilities are NOT measured: their
+throughputs are scaled from the capability-9.0 fit by the ratio of NVIDIA's datasheet dense TFLOPS of a
+reference card (`REFERENCE_CARDS`) to the H100's, and elementwise costs by memory bandwidth; the launch
+floor (host-bound) is kept.
+
+On a CPU the model stays relative: time per sample = compute units x precision factor x micro-batch factor,
+with (m x s + `cpu_overhead_tokens`) / (m x s) for the micro-batch's fixed cost. Those two CPU constants
+were calibrated with `python benchmarks/speed_model.py` on the 2-core development machine (AMD EPYC with
+AVX-512 bf16; bert-mini, batch 16 x 128): ~48 tokens per micro-batch, bf16 in 0.66 of the fp32 time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from tfmem.estimate.device import DeviceProfile
 from tfmem.recipe import Recipe
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+TF32_MIN_CAPABILITY = (8, 0)
+
+# Fitted to ../shared/gpu-runs/2026-11-26-h200/speed-grid.json (NVIDIA H200, measured at tfmem commit
+# 730a4d8) by `python benchmarks/speed_model.py --grid FILE --fit`, which prints these: least squares on
+# log step time, plus a penalty on pairs measured >15% apart and predicted the other way round, matmul
+# throughputs bounded by the H100/H200 datasheet peaks (fp16 sits on its bound: its matmul share is too
+# small at these sizes to separate it from the elementwise term). Throughputs in matmul FLOP/s reached;
+# elementwise in seconds per (token x hidden) per unit; launch floors in seconds per layer per micro-batch
+# (checkpointed layers have their own); micro_batch_s in seconds per micro-batch.
+H200_FIT: dict[str, Any] = {
+    "throughput_flops": {"fp32": 56.91e12, "tf32": 359.4e12, "bf16": 569.4e12, "fp16": 989.0e12},
+    "elementwise_s": {"fp32": 137.1e-12, "tf32": 128.2e-12, "bf16": 38.15e-12, "fp16": 62.32e-12},
+    "launch_s": {"fp32": 5.408e-3, "tf32": 2.328e-3, "bf16": 2.674e-3, "fp16": 2.644e-3},
+    "checkpoint_launch_s": {"fp32": 7.18e-3, "tf32": 4.857e-3, "bf16": 5.386e-3, "fp16": 5.339e-3},
+    "micro_batch_s": 4.756e-3,
+}
+
+# Dense datasheet figures of one reference card per compute capability (NVIDIA product briefs):
+# fp32, tf32, bf16, fp16 tensor TFLOPS (0 = not native: falls back to fp32) and memory bandwidth in GB/s.
+REFERENCE_CARDS: dict[tuple[int, int], tuple[str, dict[str, float], float]] = {
+    (7, 0): ("V100", {"fp32": 15.7, "tf32": 0, "bf16": 0, "fp16": 125}, 900),
+    (7, 5): ("T4", {"fp32": 8.1, "tf32": 0, "bf16": 0, "fp16": 65}, 320),
+    (8, 0): ("A100", {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}, 1555),
+    (8, 6): ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125}, 600),
+    (8, 9): ("L4", {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121}, 300),
+    (9, 0): ("H100 SXM", {"fp32": 67, "tf32": 495, "bf16": 989, "fp16": 989}, 4800),  # bandwidth: the H200 measured
+}
+MEASURED_CAPABILITY = (9, 0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the step time depends on: depth, hidden and feed-forward widths.
+
+    Example:
+        >>> ModelShape.of(12).hidden_size
+        768
+    """
+
+    num_layers: int
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+
+    @classmethod
+    def of(cls, model: ModelShape | int | Any) -> ModelShape:
+        """From a shape, a depth (bert-base widths assumed) or a transformers config."""
+        if isinstance(model, ModelShape):
+            return model
+        if isinstance(model, int):
+            return cls(model)
+        from tfmem.estimate.fake_step import num_layers_of
+
+        hidden = int(getattr(model, "hidden_size", 768))
+        return cls(num_layers_of(model), hidden, int(getattr(model, "intermediate_size", None) or 4 * hidden))
+
+    def layer_flops_per_token(self, seq_len: int) -> int:
+        """Forward matmul FLOPs of one layer per token: projections, feed-forward, and attention's two products."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h
+
+
+@dataclass(frozen=True)
+class GpuConstants:
+    """The speed constants of one compute capability (see the module docstring)."""
+
+    capability: tuple[int, int]
+    throughput_flops: dict[str, float]
+    elementwise_s: dict[str, float]
+    launch_s: dict[str, float]
+    checkpoint_launch_s: dict[str, float]
+    micro_batch_s: float
+    measured: bool
+    source: str
+
+    @classmethod
+    def for_capability(cls, capability: tuple[int, int] | None, fit: dict[str, Any] | None = None) -> GpuConstants:
+        """The fitted constants at 9.0 (and above); below, scaled by a reference card's datasheet ratios."""
+        fit = fit or H200_FIT
+        cap = capability or (8, 0)  # "any CUDA GPU": planned as capability 8.0 (bf16), see cli/plan.py
+        known = [c for c in REFERENCE_CARDS if c <= cap] or [min(REFERENCE_CARDS)]
+        ref = max(known)
+        if ref >= MEASURED_CAPABILITY:
+            return cls(cap, dict(fit["throughput_flops"]), dict(fit["elementwise_s"]), dict(fit["launch_s"]),
+                       dict(fit["checkpoint_launch_s"]), fit["micro_batch_s"], True,
+                       "fitted to an H200's speed-grid.json (capability 9.0)")
+        card, tflops, bandwidth = REFERENCE_CARDS[ref]
+        h_card, h_tflops, h_bandwidth = REFERENCE_CARDS[MEASURED_CAPABILITY]
+        throughput, elementwise = {}, {}
+        for p in PRECISIONS:
+            native = tflops[p] > 0
+            q = p if native else "fp32"  # emulated precisions run at fp32 speed (bf16 on a T4, tf32 on a V100)
+            throughput[p] = fit["throughput_flops"][q] * tflops[q] / h_tflops[q]
+            elementwise[p] = fit["elementwise_s"][q] * h_bandwidth / bandwidth
+        return cls(cap, throughput, elementwise, dict(fit["launch_s"]), dict(fit["checkpoint_launch_s"]), fit["micro_batch_s"],
+                   False, f"not measured: the 9.0 fit scaled by {card} vs {h_card} datasheet ratios")
+
 
 @dataclass(frozen=True)
 class SpeedModel:
-    """The constants of the speed estimate (see the module docstring).
+    """The speed estimate (see the module docstring).
 
     Attributes:
-        overhead_tokens: fixed cost of one micro-batch on a GPU, in tokens of work.
-        mixed_precision_factor: time factor of fp16/bf16 on a GPU with tensor cores (capability 7.0+).
-        recompute_units: extra units per checkpointed layer (1 = one more forward).
+        gpu_fit: the capability-9.0 constants (default: the H200 fit).
         cpu_overhead_tokens: fixed cost of one micro-batch on a CPU (measured).
         cpu_bf16_factor: time factor of bf16 autocast on a CPU (measured).
+        recompute_units: extra units per checkpointed layer (1 = one more forward).
     """
 
-    overhead_tokens: int = 2048
-    mixed_precision_factor: float = 0.5
-    recompute_units: float = 1.0
+    gpu_fit: dict[str, Any] = field(default_factory=lambda: H200_FIT)
     cpu_overhead_tokens: int = 48
     cpu_bf16_factor: float = 0.66
+    recompute_units: float = 1.0
 
-    def relative_time(self, recipe: Recipe, num_layers: int, batch_size: int, seq_len: int, device: DeviceProfile) -> float:
+    def step_seconds(self, recipe: Recipe, model: ModelShape | int | Any, batch_size: int, seq_len: int,
+                     device: DeviceProfile, *, tf32: bool = False) -> float:
+        """Predicted seconds per optimizer step on a CUDA `device` (ValueError on CPU: only relative there).
+
+        Example:
+            >>> from tfmem.estimate.device import device_profile
+            >>> h100 = device_profile(gpu="h100")
+            >>> fast = SpeedModel().step_seconds(Recipe(name="b").replace(mixed_precision="bf16"), 12, 32, 512, h100)
+            >>> slow = SpeedModel().step_seconds(Recipe(name="f"), 12, 32, 512, h100)
+            >>> fast < slow / 3
+            True
+        """
+        if device.type != "cuda":
+            raise ValueError(f"step_seconds needs a CUDA device; got {device.type!r} (use relative_time on a CPU).")
+        shape = ModelShape.of(model)
+        k = GpuConstants.for_capability(device.capability, self.gpu_fit)
+        p = precision_key(recipe, tf32, device)
+        micro = batch_size // recipe.gradient_accumulation_steps
+        units, plain, recomputed = self._units(recipe, shape.num_layers)
+        tokens = micro * seq_len
+        compute = units * tokens * (shape.layer_flops_per_token(seq_len) / k.throughput_flops[p]
+                                    + shape.hidden_size * k.elementwise_s[p])
+        launch = plain * k.launch_s[p] + recomputed * k.checkpoint_launch_s[p]
+        return recipe.gradient_accumulation_steps * max(compute + k.micro_batch_s, launch)
+
+    def relative_time(self, recipe: Recipe, model: ModelShape | int | Any, batch_size: int, seq_len: int,
+                      device: DeviceProfile, *, tf32: bool = False) -> float:
         """Estimated time per sample of `recipe` relative to fp32 without techniques at the same batch.
 
         Example:
             >>> from tfmem.estimate.device import device_profile
-            >>> m, cuda = SpeedModel(), device_profile("cuda", capability="8.0")
-            >>> round(m.relative_time(Recipe(name="c").replace(gradient_checkpointing=True), 12, 32, 512, cuda), 2)
+            >>> m, cpu = SpeedModel(), device_profile("cpu")
+            >>> round(m.relative_time(Recipe(name="c").replace(gradient_checkpointing=True), 12, 32, 512, cpu), 2)
             1.33
         """
+        if device.type == "cuda":
+            base = Recipe(name="baseline")
+            return (self.step_seconds(recipe, model, batch_size, seq_len, device, tf32=tf32)
+                    / self.step_seconds(base, model, batch_size, seq_len, device))
+        layers = ModelShape.of(model).num_layers
+        units, _, _ = self._units(recipe, layers)
+        compute = units / (3.0 * layers)
+        micro = batch_size // recipe.gradient_accumulation_steps
+        base_tokens, micro_tokens = batch_size * seq_len, micro * seq_len
+        overhead = self.cpu_overhead_tokens
+        efficiency = ((micro_tokens + overhead) / micro_tokens) / ((base_tokens + overhead) / base_tokens)
+        factor = self.cpu_bf16_factor if recipe.mixed_precision == "bf16" else 1.0
+        return compute * factor * efficiency
+
+    def _units(self, recipe: Recipe, num_layers: int) -> tuple[float, float, float]:
+        """(compute units, launch weight of layers not checkpointed, of checkpointed ones) summed over layers.
+
+        A trainable layer is 3 units (4 checkpointed) and launch weight 1; a frozen one issues 2/3 of the
+        kernels (no weight gradients), a frozen prefix behind frozen embeddings 1/3 (forward only)."""
         frozen = min(recipe.freeze.layers, num_layers)
         prefix_stops_backward = recipe.freeze.embeddings
-        units = 0.0
+        ckpt = recipe.gradient_checkpointing
+        units = plain = checkpointed = 0.0
         for i in range(num_layers):
-            if i < frozen:
-                units += 1.0 if prefix_stops_backward else 2.0
-                if not prefix_stops_backward and recipe.gradient_checkpointing:
-                    units += self.recompute_units
+            if i < frozen and prefix_stops_backward:
+                u, recomputed = 1.0, False  # forward only; not checkpointed (nothing saved for backward)
+            elif i < frozen:
+                u, recomputed = 2.0, ckpt
             else:
-                units += 3.0 + (self.recompute_units if recipe.gradient_checkpointing else 0.0)
-        compute = units / (3.0 * num_layers)
-        micro = batch_size // recipe.gradient_accumulation_steps
-        base_tokens = batch_size * seq_len
-        micro_tokens = micro * seq_len
-        overhead = self.cpu_overhead_tokens if device.type == "cpu" else self.overhead_tokens
-        efficiency = ((micro_tokens + overhead) / micro_tokens) / ((base_tokens + overhead) / base_tokens)
-        return compute * self.precision_factor(recipe.mixed_precision, device) * efficiency
+                u, recomputed = 3.0, ckpt
+            units += u + (self.recompute_units if recomputed else 0.0)
+            if recomputed:
+                checkpointed += u / 3.0
+            else:
+                plain += u / 3.0
+        return units, plain, checkpointed
 
-    def precision_factor(self, mode: str, device: DeviceProfile) -> float:
-        if mode == "no":
-            return 1.0
-        if device.type == "cpu":
-            return self.cpu_bf16_factor if mode == "bf16" else 1.0
-        if device.type != "cuda":
-            return 1.0
-        if device.capability is not None and device.capability < (7, 0):
-            return 1.0
-        return self.mixed_precision_factor
+
+def precision_key(recipe: Recipe, tf32: bool, device: DeviceProfile) -> str:
+    """'fp32', 'tf32', 'bf16' or 'fp16' for a recipe; tf32 comes from the argument or a recipe's `tf32` key."""
+    if recipe.mixed_precision != "no":
+        return recipe.mixed_precision
+    wants = tf32 or bool(getattr(recipe, "tf32", False))
+    return "tf32" if wants and tf32_available(device) else "fp32"
+
+
+def tf32_available(device: DeviceProfile) -> bool:
+    """TF32 matmuls need an Ampere or newer GPU (capability 8.0)."""
+    return device.type == "cuda" and (device.capability is None or device.capability >= TF32_MIN_CAPABILITY)
+
+
+def speed_note(device: DeviceProfile, model: SpeedModel | None = None) -> str:
+    """One sentence on what the ranking rests on for `device`, for the CLI."""
+    m = model or SpeedModel()
+    if device.type == "cpu":
+        return (f"bf16 x{m.cpu_bf16_factor} and a fixed cost of ~{m.cpu_overhead_tokens} tokens per micro-batch, measured "
+                "on a 2-core EPYC with benchmarks/speed_model.py; checkpointing +1 forward per layer (~+33%), a "
+                "documented default (see tfmem/estimate/speed.py).")
+    k = GpuConstants.for_capability(device.capability, m.gpu_fit)
+    cap = f"{k.capability[0]}.{k.capability[1]}"
+    return (f"step time = matmul FLOPs / throughput + elementwise work, or the kernel-launch floor of small "
+            f"micro-batches, per micro-batch; checkpointing re-runs each forward; constants for capability {cap}: "
+            f"{k.source} (see tfmem/estimate/speed.py).")
