@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli.dataset import add_dataset_argument, phase_sentence, plan_with_dataset
 from tfmem.cli.estimate import add_device_arguments, profile_from_args
-from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.plan import Candidate, plan
-from tfmem.estimate.speed import SpeedModel
+from tfmem.estimate.speed import speed_note
 from tfmem.profiler.units import SizeError, format_bytes, parse_bytes
 from tfmem.zoo import DEFAULT_MODEL
 
@@ -32,6 +33,11 @@ def add_parser(subparsers) -> None:
                    help="also try freezing the embeddings and first N layers (changes what is learned; default never)")
     add_device_arguments(p)
     p.add_argument("--output", "-o", metavar="PATH", help="write the chosen recipe here as YAML (loads with Recipe.from_yaml)")
+    p.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="stop searching once N recipes fit (default 2: the fastest and a runner-up; more takes longer)")
+    p.add_argument("--measure", type=int, nargs="?", const=3, default=None, metavar="K",
+                   help="on a machine with the target GPU: train the K fastest fitting recipes a few real steps each "
+                        "(default 3), re-rank them by measured time and check their measured memory")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=run)
 
@@ -45,12 +51,30 @@ def run(args: argparse.Namespace) -> int:
             return 2
         budget = parse_bytes(args.budget, field="--budget") if args.budget else profile.memory_bytes
         overhead = parse_bytes(args.overhead, field="--overhead") if args.overhead not in (None, "0") else (0 if args.overhead == "0" else None)
+        # Everything that can be refused is refused before the search (seconds to minutes) runs.
+        problem = (_output_problem(args.output) or _positive("--batch-size", "batch_size", args.batch_size)
+                   or (_positive("--seq-len", "seq_len", args.seq_len) if args.seq_len is not None else None)
+                   or _positive("--keep", "keep", args.keep)
+                   or (_positive("--measure", "measure", args.measure) if args.measure is not None else None)
+                   or ("--measure and --dataset together are not supported yet; plan with --seq-len to measure."
+                       if args.measure is not None and args.dataset else None))
+        if problem:
+            print(f"tfmem plan: error: {problem}", file=sys.stderr)
+            return 2
+        if args.measure is not None:
+            from tfmem.estimate.measure import gpu_problem
+
+            if profile.type != "cuda" or (why := gpu_problem(profile.capability)):
+                why = "the plan is for a CPU" if profile.type != "cuda" else why
+                print(f"tfmem plan: error: --measure needs the target GPU here ({why}); plan without --measure, "
+                      "or run it on that machine.", file=sys.stderr)
+                return 2
         if args.dataset:
             return plan_with_dataset(args, budget, overhead, profile)
         if args.seq_len is None:
             raise ValueError("--seq-len is required (or --dataset FILE to plan for a dataset's lengths).")
         result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
-                      overhead_bytes=overhead)
+                      overhead_bytes=overhead, keep=max(args.keep, args.measure or 0))
     except SizeError as e:
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
@@ -59,11 +83,23 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
-    if args.output and result.chosen:
-        result.chosen.recipe.to_yaml(args.output)
+    measured = None
+    if args.measure and result.fitting:
+        from tfmem.estimate.measure import measure
+
+        measured = measure(result, args.measure)
+    chosen = result.chosen
+    if measured and measured[0].fits:
+        chosen = measured[0].candidate
+    if args.output and chosen:
+        chosen.recipe.to_yaml(args.output)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0 if result.chosen else 1
+        data = result.to_dict()
+        if measured is not None:
+            data["measured"] = [m.to_dict() for m in measured]
+            data["chosen_after_measuring"] = chosen.to_dict() if chosen else None
+        print(json.dumps(data, indent=2))
+        return 0 if chosen else 1
     console = Console()
     console.print(f"[bold]{result.model}[/], batch {result.batch_size} x seq {result.seq_len}, budget "
                   f"{format_bytes(result.budget_bytes)} on {result.device} "
@@ -74,20 +110,24 @@ def run(args: argparse.Namespace) -> int:
         # bf16 is searched only where the card has it; without a card named we cannot know.
         console.print("No --gpu or --gpu-capability given: assuming bf16 is available (compute capability 8.0+). "
                       "On a V100, T4 or RTX 20xx pass --gpu (e.g. --gpu t4) to plan with fp16 instead.")
+    cuda = profile.type == "cuda"
     table = Table(title="Recipes that fit, fastest first" if result.fitting else "Nothing fits")
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("recipe")
-    for col in ("micro", "peak", "reserved", "headroom", "time"):
+    for col in ("micro", "peak", "reserved", "headroom", "time") + (("step",) if cuda else ()):
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for i, c in enumerate(result.fitting, 1):
-        _row(table, str(i), c)
+        _row(table, str(i), c, cuda)
     for c in result.not_fitting[:4]:
-        _row(table, "-", c, style="dim")
+        _row(table, "-", c, cuda, style="dim")
     console.print(table)
     console.print("micro: micro-batch size; peak: predicted peak allocated; reserved: with the allocator's cache; "
                   "headroom: budget - reserved - overhead; time: per sample, relative to fp32 without techniques "
-                  "(1.00): " + _speed_note(profile))
-    if result.chosen is None:
+                  "(1.00)" + ("; step: predicted time per optimizer step" if cuda else "") + ". Speed model: "
+                  + speed_note(profile))
+    if measured is not None:
+        _print_measured(console, measured, result.budget_bytes)
+    if chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)}.[/]" + (
             f" Closest: {c.recipe.summary()} (micro-batch {c.estimate.micro_batch_size}) needs "
@@ -96,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
             + (", or a larger --budget if the machine has the memory." if profile.type == "cpu" else ", or a larger GPU.")
             if c else ""))
         return 1
-    est = result.chosen_estimate or result.chosen.estimate
-    console.print(f"Chosen: [bold]{result.chosen.recipe.summary()}[/], micro-batch {est.micro_batch_size}: predicted peak "
-                  f"{format_bytes(est.peak_bytes)} allocated ({est.method}), headroom {format_bytes(result.chosen.headroom_bytes)}.")
+    est = chosen.estimate
+    console.print(f"Chosen: [bold]{chosen.recipe.summary()}[/], micro-batch {est.micro_batch_size}: predicted peak "
+                  f"{format_bytes(est.peak_bytes)} allocated ({est.method}), headroom {headroom_text(chosen)}.")
     console.print(phase_sentence(est.peak_phase))
     if args.output:
         console.print(f"Wrote {args.output}; load it with Recipe.from_yaml({args.output!r}).")
@@ -106,20 +146,63 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _row(table: Table, rank: str, c: Candidate, style: str | None = None) -> None:
+def headroom_text(c: Candidate) -> str:
+    """The headroom as the table and the chosen line print it (one function, so they cannot disagree)."""
+    return format_bytes(c.headroom_bytes)
+
+
+def _positive(flag: str, name: str, value: int) -> str | None:
+    # The same words `tfmem estimate` uses for a bad --batch-size (estimate_memory's check).
+    if value < 1:
+        return f"`{name}` must be a positive whole number, got {value!r}."
+    return None
+
+
+def _output_problem(path: str | None) -> str | None:
+    """Why `-o PATH` could not be written, checked before planning; None when it can."""
+    if not path:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return f"--output {path!r} is a directory; give a file name, e.g. {str(target / 'planned.yaml')!r}."
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        return f"--output {path!r}: {str(parent)!r} {what}; choose a path in an existing directory."
+    # Probe with a real file: permission bits say nothing for root, or for /proc-like file systems.
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".tfmem-probe-"):
+            pass
+    except OSError as e:
+        return f"--output {path!r}: cannot write in {str(parent)!r} ({e.strerror or e}); choose a writable path."
+    return None
+
+
+def _print_measured(console: Console, measured, budget_bytes: int) -> None:
+    table = Table(title="Measured on this GPU, fastest first (re-ranked)")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("recipe")
+    for col in ("micro", "step predicted", "step measured", "reserved predicted", "reserved measured", "fits"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, m in enumerate(measured, 1):
+        c = m.candidate
+        table.add_row(str(i), c.recipe.summary(), str(c.estimate.micro_batch_size), _ms(c.step_seconds),
+                      _ms(m.step_seconds) if m.error is None else m.error, format_bytes(c.estimate.reserved_bytes),
+                      format_bytes(m.reserved_bytes), "yes" if m.fits else "no")
+    console.print(table)
+    console.print(f"Each trained a fresh model for a few real steps in its own process (fused AdamW, synthetic "
+                  f"batches); fits: measured reserved + the CUDA context overhead within "
+                  f"{format_bytes(budget_bytes)}.")
+    if not any(m.fits for m in measured):
+        console.print("[bold red]None of the measured recipes fits when measured;[/] keeping the estimate's choice. "
+                      "Lower --budget by the excess and plan again.")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f} ms"
+
+
+def _row(table: Table, rank: str, c: Candidate, cuda: bool, style: str | None = None) -> None:
     table.add_row(rank, c.recipe.summary(), str(c.estimate.micro_batch_size), format_bytes(c.estimate.peak_bytes),
-                  format_bytes(c.estimate.reserved_bytes), format_bytes(c.headroom_bytes), f"{c.relative_time:.2f}",
-                  style=style)
-
-
-def _speed_note(profile: DeviceProfile) -> str:
-    """The speed model's constants for `profile`'s device type, so the ranking says what it rests on."""
-    m = SpeedModel()
-    checkpointing = f"checkpointing +{m.recompute_units:.0f} forward per layer (~+33%)"
-    if profile.type == "cpu":
-        # Only these two CPU constants were measured; the checkpointing cost is the same default as on GPUs.
-        return (f"bf16 x{m.cpu_bf16_factor} and a fixed cost of ~{m.cpu_overhead_tokens} tokens per micro-batch, measured "
-                f"on a 2-core EPYC with benchmarks/speed_model.py; {checkpointing}, a documented default "
-                "(see tfmem/estimate/speed.py).")
-    return (f"{checkpointing}, 16-bit x{m.mixed_precision_factor} on tensor-core GPUs, each micro-batch costs "
-            f"~{m.overhead_tokens} tokens of fixed overhead (documented defaults, see tfmem/estimate/speed.py).")
+                  format_bytes(c.estimate.reserved_bytes), headroom_text(c), f"{c.relative_time:.2f}",
+                  *((_ms(c.step_seconds),) if cuda else ()), style=style)

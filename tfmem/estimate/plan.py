@@ -6,15 +6,17 @@ Search space, per target device:
 - gradient checkpointing: off / on;
 - mixed precision: fp32 and the 16-bit mode the device runs natively (bf16 on capability 8.0+, else
   fp16; fp16 and bf16 need the same memory, so one is searched);
+- tf32 (fp32 weights, TF32 matmuls) on capability 8.0+, once `Recipe` has the `tf32` key (issue 8);
+  it needs fp32's memory, so it reuses fp32's estimates;
 - freezing: only with `allow_freeze=N` (it changes what is learned): the embeddings and the first N layers.
 
-For each (checkpointing, precision, freezing) the accumulation steps are tried from 1 upwards and the
-first that fits is kept: fewer micro-batches are faster. Estimates use the depth extrapolation
+`search_space` lists these combinations; for each, the accumulation steps are tried from 1 upwards and
+the first that fits is kept: fewer micro-batches are never slower. Estimates use the depth extrapolation
 (estimator.py), a few shallow fake steps each; the chosen recipe is then estimated at full depth, and
-if that does not fit the next one is taken. Speed comes from `speed.SpeedModel` (see its docstring):
-recompute cost of checkpointing, micro-batch efficiency, tensor-core speed-up of 16-bit precision.
-Ranking: recipes that freeze nothing first (freezing changes what is learned), then fastest, then
-lowest peak.
+if that does not fit, the same techniques with more accumulation and the other combinations compete
+again. Speed comes from `speed.SpeedModel` (see its docstring): a step time per precision with a
+kernel-launch floor for small micro-batches, fitted to an H200. Ranking: recipes that freeze nothing
+first (freezing changes what is learned), then fastest, then lowest reserved memory.
 
 What "fits" means: on CUDA, the simulated reserved bytes (the allocator's cache included) plus
 `overhead_bytes` (the CUDA context and library workspaces, outside PyTorch's allocator: 0.5 GiB by
@@ -25,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tfmem.estimate import speed as _speed
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.estimator import MemoryEstimate, estimate_memory, model_config_of
 from tfmem.estimate.fake_step import num_layers_of
-from tfmem.estimate.speed import SpeedModel
+from tfmem.estimate.speed import ModelShape, SpeedModel
 from tfmem.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Candidate:
         needed_bytes: what must fit in the budget (reserved + overhead on CUDA, peak on CPU).
         headroom_bytes: budget - needed_bytes (negative: does not fit).
         relative_time: estimated time per sample, 1.0 = fp32 without techniques.
+        tf32: fp32 with TF32 matmuls (see `search_space`).
+        step_seconds: predicted seconds per optimizer step (CUDA only; see speed.py for what it rests on).
     """
 
     recipe: Recipe
@@ -58,6 +62,9 @@ class Candidate:
     needed_bytes: int
     headroom_bytes: int
     relative_time: float
+    tf32: bool = False
+    step_seconds: float | None = None
+    point: SearchPoint | None = field(default=None, compare=False, repr=False)
 
     @property
     def fits(self) -> bool:
@@ -74,6 +81,8 @@ class Candidate:
             "headroom_bytes": self.headroom_bytes,
             "relative_time": round(self.relative_time, 4),
             "peak_phase": self.estimate.peak_phase,
+            "tf32": self.tf32,
+            "step_seconds": None if self.step_seconds is None else round(self.step_seconds, 4),
             "fits": self.fits,
         }
 
@@ -124,6 +133,51 @@ class Plan:
         }
 
 
+@dataclass(frozen=True)
+class SearchPoint:
+    """One combination of techniques the planner searches accumulation steps for.
+
+    Attributes:
+        precision: the recipe's `mixed_precision` ("no", "bf16" or "fp16").
+        checkpointing: gradient checkpointing on or off.
+        frozen: 0, or the embeddings and this many first layers frozen.
+        tf32: fp32 with TF32 matmuls (same memory as fp32; only with precision "no").
+    """
+
+    precision: str
+    checkpointing: bool
+    frozen: int = 0
+    tf32: bool = False
+
+
+def search_space(profile: DeviceProfile, allow_freeze: int = 0) -> list[SearchPoint]:
+    """Every combination the planner tries, before accumulation; the one place to add a technique to search.
+
+    Example:
+        >>> [p.precision for p in search_space(device_profile(gpu="t4")) if not p.checkpointing]
+        ['no', 'fp16']
+    """
+    sixteen = [m for m in profile.precisions() if m != "no"][:1]
+    fp32_variants = [False, True] if _speed.tf32_available(profile) and recipe_accepts_tf32() else [False]
+    points = []
+    for frozen in [0] + ([allow_freeze] if allow_freeze else []):
+        for precision in ["no", *sixteen]:
+            for tf32 in fp32_variants if precision == "no" else [False]:
+                for checkpointing in (False, True):
+                    points.append(SearchPoint(precision, checkpointing, frozen, tf32))
+    return points
+
+
+def recipe_accepts_tf32() -> bool:
+    """Whether `Recipe` has a `tf32` key (issue 8 adds it): tf32 candidates are planned only when it does,
+    since a plan must be written as a recipe that does what was planned."""
+    try:
+        Recipe(name="probe").replace(tf32=True)
+    except Exception:  # RecipeError for an unknown key, TypeError for an older signature
+        return False
+    return True
+
+
 def plan(
     model_or_config: Any,
     batch_size: int,
@@ -136,6 +190,7 @@ def plan(
     overhead_bytes: int | None = None,
     speed: SpeedModel | None = None,
     verify: bool = True,
+    keep: int = 4,
     num_labels: int = 2,
 ) -> Plan:
     """Find the fastest recipe that trains `batch_size` x `seq_len` within `budget_bytes`.
@@ -150,6 +205,8 @@ def plan(
         overhead_bytes: memory outside PyTorch's allocator; default 0.5 GiB on CUDA, 0 on CPU.
         speed: the speed model; default `SpeedModel()`.
         verify: re-estimate the chosen recipe at full depth.
+        keep: stop searching once this many recipes fit (at most one per combination of techniques);
+            the fastest is always among them.
 
     Raises:
         ValueError: bad sizes, `allow_freeze` above the model's depth, unknown model or device.
@@ -158,6 +215,9 @@ def plan(
     profile = device_profile(device, gpu=gpu) if gpu or not isinstance(device, DeviceProfile) else device
     config, model_class, name = model_config_of(model_or_config, num_labels)
     depth = num_layers_of(config)
+    for field_name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{field_name}` must be a positive whole number, got {value!r}.")
     if not isinstance(budget_bytes, int) or budget_bytes <= 0:
         raise ValueError(f"`budget_bytes` must be a positive number of bytes, got {budget_bytes!r}; for example --budget 8GiB.")
     if not isinstance(allow_freeze, int) or not 0 <= allow_freeze <= depth:
@@ -165,72 +225,87 @@ def plan(
     if overhead_bytes is None:
         overhead_bytes = CUDA_OVERHEAD_BYTES if profile.type == "cuda" else 0
     speed = speed or SpeedModel()
-    sixteen = [m for m in profile.precisions() if m != "no"][:1]
-    freezes = [0] + ([allow_freeze] if allow_freeze else [])
+    shape = ModelShape.of(config)
     steps_options = [s for s in range(1, batch_size + 1) if batch_size % s == 0]
+    target = config if model_class is None else model_or_config
+    estimates: dict[tuple, MemoryEstimate] = {}  # tf32 shares fp32's memory; verification reuses nothing
 
-    runs = 0
-
-    def candidate(recipe: Recipe, exact: bool) -> Candidate:
-        nonlocal runs
-        runs += 1
-        est = estimate_memory(config if model_class is None else model_or_config, recipe, batch_size, seq_len,
-                              profile, extrapolate_depth=not exact, num_labels=num_labels)
-        est = _named(est, name)
+    def candidate(point: SearchPoint, steps: int, exact: bool) -> Candidate:
+        recipe = _recipe(name, batch_size, seq_len, steps, point)
+        key = (steps, point.precision, point.checkpointing, point.frozen, exact)
+        if key not in estimates:
+            est = estimate_memory(target, recipe, batch_size, seq_len, profile, extrapolate_depth=not exact,
+                                  num_labels=num_labels)
+            estimates[key] = _named(est, name)
+        est = replace(estimates[key], recipe=recipe.name)
         needed = (est.reserved_bytes if est.reserved_bytes is not None else est.peak_bytes) + overhead_bytes
+        seconds = speed.step_seconds(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32) \
+            if profile.type == "cuda" else None
         return Candidate(recipe, est, needed, budget_bytes - needed,
-                         speed.relative_time(recipe, depth, batch_size, seq_len, profile))
+                         speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32),
+                         point.tf32, seconds, point)
 
+    def rank(c: Candidate) -> tuple:
+        return (c.recipe.freeze.enabled, round(c.relative_time, 6), c.needed_bytes)
+
+    # Best-first: every (combination, accumulation) in order of predicted speed, so the first that fits
+    # (confirmed at full depth) is the answer, and the search stops after `keep` fitting recipes.
+    # Estimates are the expensive part; a combination's slower accumulations are skipped once one fits.
+    queue = []
+    for point in search_space(profile, allow_freeze):
+        for steps in steps_options:
+            recipe = _recipe(name, batch_size, seq_len, steps, point)
+            t = speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32)
+            queue.append(((point.frozen > 0, round(t, 6), steps), point, steps))
+    queue.sort(key=lambda item: item[0])
     fitting: list[Candidate] = []
-    not_fitting: list[Candidate] = []
-    for frozen in freezes:
-        for precision in ["no", *sixteen]:
-            for checkpointing in (False, True):
-                lowest: Candidate | None = None
-                for steps in steps_options:
-                    recipe = _recipe(name, batch_size, seq_len, steps, checkpointing, precision, frozen)
-                    c = candidate(recipe, exact=False)
-                    if c.fits:
-                        fitting.append(c)
-                        break
-                    if lowest is None or c.needed_bytes < lowest.needed_bytes:
-                        lowest = c
-                else:
-                    if lowest is not None:
-                        not_fitting.append(lowest)
-    fitting.sort(key=lambda c: (c.recipe.freeze.enabled, round(c.relative_time, 6), c.needed_bytes))
-    not_fitting.sort(key=lambda c: c.needed_bytes)
-
+    lowest: dict[SearchPoint, Candidate] = {}  # per combination without a fit: its lowest-memory try
+    failed: list[Candidate] = []  # fitted by extrapolation, not at full depth
     chosen = chosen_estimate = None
-    for c in list(fitting):
-        if not verify:
-            chosen = c
+    for _, point, steps in queue:
+        if len(fitting) >= max(keep, 1) and (chosen is not None or not verify):
             break
-        full = candidate(c.recipe, exact=True)
-        if full.fits:
-            chosen, chosen_estimate = full, full.estimate
-            break
-        logger.info("tfmem: %s fits by extrapolation but not at full depth (%d bytes over); next", c.recipe.name, -full.headroom_bytes)
-        fitting.remove(c)
-        not_fitting.append(full)
-    closest = None if chosen else (min(not_fitting, key=lambda c: c.needed_bytes) if not_fitting else None)
+        if any(c.point == point for c in fitting):
+            continue
+        c = candidate(point, steps, exact=False)
+        if not c.fits:
+            if point not in lowest or c.needed_bytes < lowest[point].needed_bytes:
+                lowest[point] = c
+            continue
+        if verify and chosen is None:
+            full = candidate(point, steps, exact=True)
+            if not full.fits:
+                logger.info("tfmem: %s fits by extrapolation but not at full depth (%d bytes over); next",
+                            c.recipe.name, -full.headroom_bytes)
+                failed.append(full)
+                continue
+            c = chosen = full  # the table shows what the chosen line says: the full-depth figures
+            chosen_estimate = full.estimate
+        fitting.append(c)
+    lowest = {p: c for p, c in lowest.items() if not any(f.point == p for f in fitting)}
+    fitting.sort(key=rank)
+    if not verify and fitting:
+        chosen = fitting[0]
+    not_fitting = sorted([*lowest.values(), *failed], key=lambda c: c.needed_bytes)
+    closest = None if chosen else (not_fitting[0] if not_fitting else None)
     return Plan(name, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting, not_fitting,
-                chosen, chosen_estimate, closest, runs, time.perf_counter() - t0)
+                chosen, chosen_estimate, closest, len(estimates), time.perf_counter() - t0)
 
 
 def _named(est: MemoryEstimate, name: str) -> MemoryEstimate:
-    from dataclasses import replace
-
     return replace(est, model=name)
 
 
-def _recipe(model: str, batch: int, seq_len: int, steps: int, checkpointing: bool, precision: str, frozen: int) -> Recipe:
-    recipe = Recipe(name="planned").replace(
-        gradient_accumulation_steps=steps,
-        gradient_checkpointing=checkpointing,
-        mixed_precision=precision,
-        freeze={"embeddings": frozen > 0, "layers": frozen},
-    )
+def _recipe(model: str, batch: int, seq_len: int, steps: int, point: SearchPoint) -> Recipe:
+    changes: dict[str, Any] = {
+        "gradient_accumulation_steps": steps,
+        "gradient_checkpointing": point.checkpointing,
+        "mixed_precision": point.precision,
+        "freeze": {"embeddings": point.frozen > 0, "layers": point.frozen},
+    }
+    if point.tf32:
+        changes["tf32"] = True  # only searched when Recipe has the key (recipe_accepts_tf32)
+    recipe = Recipe(name="planned").replace(**changes)
     short = model.rsplit("/", 1)[-1]
     return recipe.replace(
         name=f"{short}-b{batch}-s{seq_len}",

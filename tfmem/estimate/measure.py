@@ -1,0 +1,166 @@
+"""`plan --measure K`: time the K fastest fitting candidates on the real GPU and re-rank by measured time.
+
+The speed model (speed.py) is fitted to one GPU; a plan is only as right as it is on yours. So on a
+machine with the target GPU, each of the K fastest recipes that fit by estimate trains a few real steps
+(a fresh model of the planned architecture, the recipe applied by `Recipe.prepare_model`, fused AdamW as
+a Trainer uses on CUDA, synthetic batches padded to the planned length) and is timed between
+synchronised clocks after warm-up steps. Its peak *reserved* memory (`torch.cuda.max_memory_reserved`,
+the figure the budget is about) plus the plan's CUDA-context overhead is checked against the budget.
+
+Each candidate runs in its own Python process (`python -m tfmem.estimate.measure`): the CUDA caching
+allocator's state and whatever an earlier candidate left behind cannot change the next one's peak, and
+an out-of-memory error ends only that process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tfmem.estimate.plan import Candidate, Plan
+
+logger = logging.getLogger(__name__)
+
+# (model name, candidate, batch, seq_len) -> {"step_seconds": float, "reserved_bytes": int} or {"error": str}
+Runner = Callable[[str, Candidate, int, int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One candidate timed on the GPU.
+
+    Attributes:
+        candidate: the planned candidate (its predicted figures included).
+        step_seconds: measured median seconds per optimizer step; None when it did not run.
+        reserved_bytes: measured peak reserved by PyTorch's caching allocator; None when it did not run.
+        needed_bytes: reserved_bytes plus the plan's overhead (CUDA context), as the budget counts it.
+        fits: needed_bytes is within the budget (False when it did not run).
+        error: why it did not run (out of memory, ...), else None.
+    """
+
+    candidate: Candidate
+    step_seconds: float | None
+    reserved_bytes: int | None
+    needed_bytes: int | None
+    fits: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.candidate.recipe.summary(), "micro_batch_size": self.candidate.estimate.micro_batch_size,
+                "predicted_step_seconds": self.candidate.step_seconds, "step_seconds": self.step_seconds,
+                "predicted_reserved_bytes": self.candidate.estimate.reserved_bytes,
+                "reserved_bytes": self.reserved_bytes, "needed_bytes": self.needed_bytes, "fits": self.fits,
+                "error": self.error}
+
+
+def gpu_problem(capability: tuple[int, int] | None) -> str | None:
+    """Why this machine cannot measure for a GPU of `capability` (None: any CUDA GPU will do); None if it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    here = torch.cuda.get_device_capability()
+    if capability is not None and tuple(here) != tuple(capability):
+        return (f"this machine's {torch.cuda.get_device_name()} has compute capability {here[0]}.{here[1]}, "
+                f"the plan is for {capability[0]}.{capability[1]}")
+    return None
+
+
+def measure(plan: Plan, k: int, run: Runner | None = None) -> list[Measurement]:
+    """Time the `k` fastest fitting candidates of `plan` and return them re-ranked: those that fit when
+    measured first, fastest measured first; then those that did not fit or did not run.
+
+    Args:
+        plan: a plan (its `fitting` list, best first, is where candidates come from).
+        k: how many to time.
+        run: runs one candidate (default: `run_in_subprocess`); tests inject a fake.
+    """
+    run = run or run_in_subprocess
+    out = []
+    for c in plan.fitting[:k]:
+        result = run(plan.model, c, plan.batch_size, plan.seq_len)
+        if "error" in result:
+            out.append(Measurement(c, None, None, None, False, result["error"]))
+            continue
+        needed = result["reserved_bytes"] + plan.overhead_bytes
+        out.append(Measurement(c, result["step_seconds"], result["reserved_bytes"], needed, needed <= plan.budget_bytes))
+    return sorted(out, key=lambda m: (not m.fits, m.step_seconds if m.step_seconds is not None else float("inf")))
+
+
+def run_in_subprocess(model: str, candidate: Candidate, batch_size: int, seq_len: int,
+                      steps: int = 3, warmup: int = 2) -> dict[str, Any]:
+    """Time one candidate in a fresh Python process (see the module docstring)."""
+    job = {"model": model, "recipe": candidate.recipe.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
+           "steps": steps, "warmup": warmup, "tf32": candidate.tf32}
+    done = subprocess.run([sys.executable, "-m", "tfmem.estimate.measure", json.dumps(job)],
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {last[:200]}"}
+    return json.loads(lines[-1])
+
+
+def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, seq_len: int, steps: int,
+               warmup: int, tf32: bool = False) -> dict[str, Any]:
+    """Train `warmup` + `steps` optimizer steps of a fresh model on CUDA; median step time and peak reserved."""
+    import statistics
+    import time
+
+    import torch
+
+    from tfmem.errors import is_out_of_memory
+    from tfmem.recipe import Recipe
+    from tfmem.techniques.precision import autocast_dtype
+    from tfmem.zoo import build_model
+
+    recipe = Recipe.from_dict(recipe_data)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    device = torch.device("cuda")
+    try:
+        model = build_model(model_name).to(device)
+        recipe.prepare_model(model)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what a Trainer uses on CUDA
+        cast = autocast_dtype(recipe.mixed_precision)
+        scaler = torch.amp.GradScaler("cuda", enabled=recipe.mixed_precision == "fp16")
+        accumulation = recipe.gradient_accumulation_steps
+        micro = batch_size // accumulation
+        vocab = model.config.vocab_size
+        batch = {"input_ids": torch.randint(0, vocab, (micro, seq_len), device=device),
+                 "attention_mask": torch.ones(micro, seq_len, dtype=torch.long, device=device),
+                 "labels": torch.zeros(micro, dtype=torch.long, device=device)}
+        times = []
+        for i in range(warmup + steps):
+            if i == warmup:
+                torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(accumulation):
+                with torch.autocast("cuda", dtype=cast or torch.float32, enabled=cast is not None):
+                    loss = model(**batch).loss / accumulation
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return {"step_seconds": statistics.median(times), "reserved_bytes": torch.cuda.max_memory_reserved()}
+    except Exception as e:  # noqa: BLE001 - an out-of-memory is a result, anything else is reported too
+        if is_out_of_memory(e):
+            return {"error": "out of memory"}
+        raise
+
+
+if __name__ == "__main__":  # one candidate, in its own process (run_in_subprocess)
+    logging.basicConfig(level=logging.WARNING)
+    job = json.loads(sys.argv[1])
+    print(json.dumps(time_steps(job["model"], job["recipe"], job["batch_size"], job["seq_len"], job["steps"],
+                                job["warmup"], job.get("tf32", False))))
