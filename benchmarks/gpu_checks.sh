@@ -81,11 +81,13 @@ block estimate-accuracy estimate-accuracy-cuda.txt 200 $PY benchmarks/estimate_a
 # --- 7.2 the speed grid (time-bounded), then the speed model scored on it -----------------------------
 block speed-grid speed-model.txt 100 $PY benchmarks/speed_grid.py --device cuda --time-limit 75 \
   --output "$out/speed-grid.json"
-# [c7speed] block speed-model speed-model.txt 30 $PY benchmarks/speed_model.py --grid "$out/speed-grid.json"
+block speed-model speed-model.txt 30 $PY benchmarks/speed_model.py --grid "$out/speed-grid.json"
 
-# --- 7.3 / 7.4 the planner's picks and `tfmem plan --measure` [c7speed appends its blocks here] -------
-# e.g. block plan-measure plan-measure.txt 60 $PY -m tfmem plan --model bert-large-uncased --seq-len 512 \
-#        --batch-size 32 --budget 8GiB --measure 3
+# --- 7.3 / 7.4 `tfmem plan --measure`: the 3 fastest fitting recipes for bert-large 32x512 in 8 GiB, each
+# trained a few real steps in its own process, re-ranked by measured time (predicted vs measured table)
+cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+block plan-measure plan-measure.txt 90 $PY -m tfmem plan --model bert-large-uncased --seq-len 512 \
+  --batch-size 32 --gpu-capability "$cap" --budget 8GiB --measure 3
 
 printf 'gpu_checks: %ss in all, exit %s; %s file(s) in %s\n' "$((SECONDS - started))" "$status" \
   "$(find "$out" -maxdepth 2 -type f | wc -l)" "$out" | tee -a "$out/summary.txt"

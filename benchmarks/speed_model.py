@@ -36,8 +36,7 @@ from pathlib import Path
 import torch
 
 from tfmem.estimate.device import device_profile
-from tfmem.estimate.fake_step import num_layers_of
-from tfmem.estimate.speed import SpeedModel
+from tfmem.estimate.speed import ModelShape, SpeedModel
 from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep
 from tfmem.recipe import Recipe
 from tfmem.zoo import model_config
@@ -95,7 +94,7 @@ def main() -> None:
     base = best[BASELINE.name]
     if base["status"] != "ok":
         raise SystemExit(f"the baseline did not run ({base['status']}: {base['message']}); nothing to compare with.")
-    layers = num_layers_of(model_config(args.model))
+    shape = ModelShape.of(model_config(args.model))
     model = SpeedModel()
     print(f"{args.model}, batch {args.batch_size} x {args.seq_len}, {where}, "
           f"best of {args.rounds} rounds x {args.steps} steps")
@@ -108,7 +107,7 @@ def main() -> None:
             print(f"{recipe.name:14} skipped ({row['status']}): {row['message']}")
             continue
         measured[recipe.name] = base["samples_per_second"] / row["samples_per_second"]  # time per sample, relative
-        predicted[recipe.name] = model.relative_time(recipe, layers, args.batch_size, args.seq_len, profile)
+        predicted[recipe.name] = model.relative_time(recipe, shape, args.batch_size, args.seq_len, profile)
         error = predicted[recipe.name] / measured[recipe.name] - 1
         print(f"{recipe.name:14} {row['micro_batch_size']:>5} {row['samples_per_second']:>10.1f} "
               f"{measured[recipe.name]:>8.2f}x {predicted[recipe.name]:>9.2f}x {error:>+8.0%}")

@@ -45,9 +45,9 @@ def test_plan_never_freezes_without_permission_and_may_with_it():
 
 
 def test_plan_precision_follows_the_device():
-    t4 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="t4"), verify=False)
+    t4 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="t4"), verify=False, keep=4)
     assert {c.recipe.mixed_precision for c in t4.fitting} == {"no", "fp16"}
-    a100 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="a100"), verify=False)
+    a100 = plan(cfg(), 1, 16, 10**12, device_profile(gpu="a100"), verify=False, keep=4)
     assert {c.recipe.mixed_precision for c in a100.fitting} == {"no", "bf16"}
 
 
@@ -335,6 +335,15 @@ def test_plan_measure_prints_predicted_vs_measured_and_writes_the_measured_choic
     assert rc == 0 and len(calls) == 2
     assert "Measured on this GPU, fastest first (re-ranked)" in out and "500 ms" in out and "100 ms" in out
     assert Recipe.from_yaml(path).to_dict() == calls[1].recipe.to_dict()  # the one measured faster
+
+
+def test_measure_loop_trains_a_planned_recipe():
+    # The loop each --measure process runs, here on CPU (the GPU figures are checked by gpu_checks.sh).
+    from tfmem.estimate.measure import time_steps
+
+    recipe = Recipe(name="x").replace(gradient_accumulation_steps=2, gradient_checkpointing=True)
+    out = time_steps("bert-tiny", recipe.to_dict(), 4, 16, steps=1, warmup=1, device="cpu")
+    assert out["step_seconds"] > 0 and out["reserved_bytes"] is None
 
 
 # --- issue 9: plan CLI -------------------------------------------------------------------------------------

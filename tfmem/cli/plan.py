@@ -33,8 +33,9 @@ def add_parser(subparsers) -> None:
                    help="also try freezing the embeddings and first N layers (changes what is learned; default never)")
     add_device_arguments(p)
     p.add_argument("--output", "-o", metavar="PATH", help="write the chosen recipe here as YAML (loads with Recipe.from_yaml)")
-    p.add_argument("--keep", type=int, default=2, metavar="N",
-                   help="stop searching once N recipes fit (default 2: the fastest and a runner-up; more takes longer)")
+    p.add_argument("--keep", type=int, default=1, metavar="N",
+                   help="list the N fastest recipes that fit (default 1: the search stops at the fastest; each more "
+                        "costs a few estimates)")
     p.add_argument("--measure", type=int, nargs="?", const=3, default=None, metavar="K",
                    help="on a machine with the target GPU: train the K fastest fitting recipes a few real steps each "
                         "(default 3), re-rank them by measured time and check their measured memory")
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     for c in result.not_fitting[:4]:
         _row(table, "-", c, cuda, style="dim")
     console.print(table)
+    console.print("Searched fastest first by predicted step time; dim rows were tried and do not fit. "
+                  "--keep N lists the N fastest that fit." if len(result.fitting) <= 1 else
+                  "Searched fastest first by predicted step time; dim rows were tried and do not fit.")
     console.print("micro: micro-batch size; peak: predicted peak allocated; reserved: with the allocator's cache; "
                   "headroom: budget - reserved - overhead; time: per sample, relative to fp32 without techniques "
                   "(1.00)" + ("; step: predicted time per optimizer step" if cuda else "") + ". Speed model: "

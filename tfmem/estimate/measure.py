@@ -107,8 +107,10 @@ def run_in_subprocess(model: str, candidate: Candidate, batch_size: int, seq_len
 
 
 def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, seq_len: int, steps: int,
-               warmup: int, tf32: bool = False) -> dict[str, Any]:
-    """Train `warmup` + `steps` optimizer steps of a fresh model on CUDA; median step time and peak reserved."""
+               warmup: int, tf32: bool = False, device: str = "cuda") -> dict[str, Any]:
+    """Train `warmup` + `steps` optimizer steps of a fresh model; median step time and peak reserved.
+
+    `device="cpu"` runs the same loop without the CUDA figures (reserved_bytes None), for tests."""
     import statistics
     import time
 
@@ -120,16 +122,22 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
     from tfmem.zoo import build_model
 
     recipe = Recipe.from_dict(recipe_data)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    device = torch.device("cuda")
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     try:
-        model = build_model(model_name).to(device)
+        model = build_model(model_name)[0].to(device)
         recipe.prepare_model(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what a Trainer uses on CUDA
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)  # fused: what a Trainer uses on CUDA
         cast = autocast_dtype(recipe.mixed_precision)
-        scaler = torch.amp.GradScaler("cuda", enabled=recipe.mixed_precision == "fp16")
+        scaler = torch.amp.GradScaler(device, enabled=cuda and recipe.mixed_precision == "fp16")
         accumulation = recipe.gradient_accumulation_steps
         micro = batch_size // accumulation
         vocab = model.config.vocab_size
@@ -138,21 +146,22 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
                  "labels": torch.zeros(micro, dtype=torch.long, device=device)}
         times = []
         for i in range(warmup + steps):
-            if i == warmup:
+            if i == warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for _ in range(accumulation):
-                with torch.autocast("cuda", dtype=cast or torch.float32, enabled=cast is not None):
+                with torch.autocast(device, dtype=cast or torch.bfloat16, enabled=cast is not None):
                     loss = model(**batch).loss / accumulation
                 scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-        return {"step_seconds": statistics.median(times), "reserved_bytes": torch.cuda.max_memory_reserved()}
+        return {"step_seconds": statistics.median(times),
+                "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None}
     except Exception as e:  # noqa: BLE001 - an out-of-memory is a result, anything else is reported too
         if is_out_of_memory(e):
             return {"error": "out of memory"}
