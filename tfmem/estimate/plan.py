@@ -103,7 +103,8 @@ class Plan:
 
     Attributes:
         fitting: recipes that fit, best first (see the module docstring for the order).
-        not_fitting: for each searched combination that fits at no accumulation, its lowest-memory try.
+        not_fitting: for each combination tried without a fit, its lowest-memory try; and any recipe that
+            fitted by extrapolation but not at full depth.
         chosen: the best fitting recipe (confirmed at full depth when its headroom is small); None if nothing fits.
         chosen_estimate: its estimate (`method` says whether it is full-depth or extrapolated).
         closest: when nothing fits, the candidate needing the least memory.

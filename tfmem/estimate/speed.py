@@ -233,7 +233,7 @@ def precision_key(recipe: Recipe, tf32: bool, device: DeviceProfile) -> str:
     """'fp32', 'tf32', 'bf16' or 'fp16' for a recipe; tf32 comes from the argument or a recipe's `tf32` key."""
     if recipe.mixed_precision != "no":
         return recipe.mixed_precision
-    wants = tf32 or bool(getattr(recipe, "tf32", False))
+    wants = tf32 or getattr(recipe, "tf32", False) is True  # the recipe key is a bool (issue 8)
     return "tf32" if wants and tf32_available(device) else "fp32"
 
 
