@@ -54,6 +54,23 @@ SPEED_NOTE = (_speed.__doc__ or "").strip().splitlines()[0]
 
 
 @dataclass(frozen=True)
+class SearchPoint:
+    """One combination of techniques the planner searches accumulation steps for.
+
+    Attributes:
+        precision: the recipe's `mixed_precision` ("no", "bf16" or "fp16").
+        checkpointing: gradient checkpointing on or off.
+        frozen: 0, or the embeddings and this many first layers frozen.
+        tf32: fp32 with TF32 matmuls (same memory as fp32; only with precision "no").
+    """
+
+    precision: str
+    checkpointing: bool
+    frozen: int = 0
+    tf32: bool = False
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One recipe the planner estimated.
 
@@ -142,23 +159,6 @@ class Plan:
             "seconds": round(self.seconds, 2),
             "speed_note": self.speed_note,
         }
-
-
-@dataclass(frozen=True)
-class SearchPoint:
-    """One combination of techniques the planner searches accumulation steps for.
-
-    Attributes:
-        precision: the recipe's `mixed_precision` ("no", "bf16" or "fp16").
-        checkpointing: gradient checkpointing on or off.
-        frozen: 0, or the embeddings and this many first layers frozen.
-        tf32: fp32 with TF32 matmuls (same memory as fp32; only with precision "no").
-    """
-
-    precision: str
-    checkpointing: bool
-    frozen: int = 0
-    tf32: bool = False
 
 
 def search_space(profile: DeviceProfile, allow_freeze: int = 0) -> list[SearchPoint]:
