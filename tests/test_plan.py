@@ -123,7 +123,7 @@ def test_gpu_plan_says_its_speed_constants_are_scaled_not_measured_off_capabilit
     assert "EPYC" not in out and "or a larger GPU." in out
     rc = main(["plan", "--gpu", "h100", "--model", "bert-tiny", "--batch-size", "2", "--seq-len", "16", "--budget", "1MiB"])
     out = _text(capsys.readouterr().out)
-    assert "constants for capability 9.0: fitted to an H200's speed-grid.json" in out
+    assert "constants for capability 9.0: fitted to step times measured on an H200 (speed-grid.json)" in out
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,7 @@ class GpuConstants:
         if ref >= MEASURED_CAPABILITY:
             return cls(cap, dict(fit["throughput_flops"]), dict(fit["elementwise_s"]), dict(fit["launch_s"]),
                        dict(fit["checkpoint_launch_s"]), fit["micro_batch_s"], True,
-                       "fitted to an H200's speed-grid.json (capability 9.0)")
+                       "fitted to step times measured on an H200 (speed-grid.json)")
         card, tflops, bandwidth = REFERENCE_CARDS[ref]
         h_card, h_tflops, h_bandwidth = REFERENCE_CARDS[MEASURED_CAPABILITY]
         throughput, elementwise = {}, {}
