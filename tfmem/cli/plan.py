@@ -122,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
     for c in result.not_fitting[:4]:
         _row(table, "-", c, cuda, style="dim")
     console.print(table)
-    console.print("Searched fastest first by predicted step time; dim rows were tried and do not fit. "
+    console.print("Searched fastest first by predicted speed; dim rows were tried and do not fit. "
                   "--keep N lists the N fastest that fit." if len(result.fitting) <= 1 else
-                  "Searched fastest first by predicted step time; dim rows were tried and do not fit.")
+                  "Searched fastest first by predicted speed; dim rows were tried and do not fit.")
     console.print("micro: micro-batch size; peak: predicted peak allocated; reserved: with the allocator's cache; "
                   "headroom: budget - reserved - overhead; time: per sample, relative to fp32 without techniques "
                   "(1.00)" + ("; step: predicted time per optimizer step" if cuda else "") + ". Speed model: "

@@ -16,7 +16,7 @@ the first that fits is kept: fewer micro-batches are never slower. Estimates use
 extrapolation's error margin (`verify_margin`) is then estimated at full depth, and if that does not
 fit, the same techniques with more accumulation and the other combinations compete again. Speed comes from `speed.SpeedModel` (see its docstring): a step time per precision with a
 kernel-launch floor for small micro-batches, fitted to an H200. Ranking: recipes that freeze nothing
-first (freezing changes what is learned), then fastest, then lowest reserved memory.
+first (freezing changes what is learned), then fastest, then fewest micro-batches.
 
 What "fits" means: on CUDA, the simulated reserved bytes (the allocator's cache included) plus
 `overhead_bytes` (the CUDA context and library workspaces, outside PyTorch's allocator: 0.5 GiB by
@@ -257,9 +257,6 @@ def plan(
                          speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32),
                          point.tf32, seconds, point)
 
-    def rank(c: Candidate) -> tuple:
-        return (c.recipe.freeze.enabled, round(c.relative_time, 6), c.needed_bytes)
-
     # Best-first: every (combination, accumulation) in order of predicted speed, so the first that fits
     # (confirmed at full depth) is the answer, and the search stops after `keep` fitting recipes.
     # Estimates are the expensive part; a combination's slower accumulations are skipped once one fits.
@@ -296,7 +293,7 @@ def plan(
             chosen, chosen_estimate = c, c.estimate
         fitting.append(c)
     lowest = {p: c for p, c in lowest.items() if not any(f.point == p for f in fitting)}
-    fitting.sort(key=rank)
+    # `fitting` is already in the queue's order (the chosen one first): re-sorting could put a tie first.
     not_fitting = sorted([*lowest.values(), *failed], key=lambda c: c.needed_bytes)
     closest = None if chosen else (not_fitting[0] if not_fitting else None)
     return Plan(name, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting, not_fitting,
