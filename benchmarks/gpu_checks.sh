@@ -89,6 +89,11 @@ cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())"
 block plan-measure plan-measure.txt 90 $PY -m tfmem plan --model bert-large-uncased --seq-len 512 \
   --batch-size 32 --gpu-capability "$cap" --budget 8GiB --measure 3
 
+# --- issue 8: optimizer state of bert-base under adamw / adamw-8bit / adafactor, predicted vs a real CUDA
+#     step (about 1 min; the GPU machines may lack bitsandbytes: the 8-bit rows then say they were skipped).
+#     Its tests marked `cuda` (TF32, 8-bit AdamW) run in the pytest-cuda block. [f8tech]
+block optimizer-state estimate-accuracy-cuda.txt 90 $PY benchmarks/optimizer_state.py --device cuda
+
 printf 'gpu_checks: %ss in all, exit %s; %s file(s) in %s\n' "$((SECONDS - started))" "$status" \
   "$(find "$out" -maxdepth 2 -type f | wc -l)" "$out" | tee -a "$out/summary.txt"
 exit $status

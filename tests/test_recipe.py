@@ -23,6 +23,9 @@ FULL = {
     "mixed_precision": "bf16",
     "freeze": {"embeddings": True, "layers": 6},
     "modules": {"embeddings": "bert.embeddings", "layers": "bert.encoder.layer"},
+    "optimizer": "adamw-8bit",
+    "tf32": True,
+    "group_by_length": True,
 }
 RECIPES = [Recipe.from_dict(FULL), Recipe.from_dict({"name": "defaults"})] + [Recipe.load(n) for n in shipped_recipe_names()]
 
@@ -179,7 +182,8 @@ def test_yaml_comments_say_what_each_setting_costs():
 
 
 def test_summary_names_the_techniques():
-    assert Recipe.from_dict(FULL).summary() == "accumulate x4, checkpointing, bf16, freeze embeddings, freeze 6 layers"
+    assert Recipe.from_dict(FULL).summary() == ("accumulate x4, checkpointing, bf16, freeze embeddings, freeze 6 layers, "
+                                                "adamw-8bit, tf32, group by length")
     assert Recipe().summary() == "no techniques (baseline)"
 
 

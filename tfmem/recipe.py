@@ -18,6 +18,9 @@ The YAML/dict keys are a public contract:
       embeddings: bert.embeddings
       layers: bert.encoder.layer
     auto_micro_batch: true                # on out-of-memory, halve the micro-batch and retry
+    optimizer: adamw                      # adamw | adamw-8bit | adafactor (the last two change what is learned)
+    tf32: false                           # true: fp32 matmuls on TF32 tensor cores (CUDA 8.0+)
+    group_by_length: false                # true: batches of similar length, less padding
 
 Layering: this module imports the techniques and nothing above them. The convenience methods that hand
 the recipe to a framework (`apply`, `prepare_model`, `training_arguments`, ...) import their adapter
@@ -50,9 +53,12 @@ from tfmem.techniques._fields import quote
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
+from tfmem.techniques.grouping import GroupingConfig
 from tfmem.techniques.freezing import FreezeConfig
 from tfmem.techniques.micro_batch import AutoMicroBatchConfig
+from tfmem.techniques.optimizer import OptimizerConfig
 from tfmem.techniques.precision import PrecisionConfig
+from tfmem.techniques.tf32 import TF32Config
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +81,8 @@ class Recipe:
     Attributes:
         name: identifies the recipe in tables and logs.
         description: one line saying what it saves and what it costs.
-        accumulation, checkpointing, precision, freeze, modules, micro_batch: the technique pieces.
+        accumulation, checkpointing, precision, freeze, modules, micro_batch, optimizer, tf32, grouping:
+            the technique pieces.
 
     A recipe never changes once built; `recipe.replace(gradient_accumulation_steps=8)` derives a
     validated copy. `Recipe(...)` built directly is checked like `from_dict`, with the same messages.
@@ -89,6 +96,9 @@ class Recipe:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     modules: ModulePaths = field(default_factory=ModulePaths)
     micro_batch: AutoMicroBatchConfig = field(default_factory=AutoMicroBatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    tf32: TF32Config = field(default_factory=TF32Config)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
 
     def __post_init__(self) -> None:
         # Built directly (`Recipe(freeze=...)`, `dataclasses.replace`) or by `from_dict`: the same checks,
@@ -124,6 +134,10 @@ class Recipe:
     @property
     def auto_micro_batch(self) -> bool:
         return self.micro_batch.enabled
+
+    @property
+    def group_by_length(self) -> bool:
+        return self.grouping.enabled
 
     # -- dict / YAML / JSON -----------------------------------------------------------------------
 
@@ -302,6 +316,50 @@ class Recipe:
 
         return apply_recipe(self, trainer)
 
+    def create_optimizer(self, params, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
+        """The recipe's optimizer for an accelerate loop, built as the Trainer builds it.
+
+        Args:
+            params: the model (for adamw-8bit its embeddings' state then stays 32-bit, as the Trainer
+                keeps it), or its parameters or parameter groups. Parameters that do not require a
+                gradient (frozen by the recipe) are left out.
+            lr: the learning rate; **kwargs: the optimizer's own (weight_decay, betas, ...).
+
+        Example:
+            >>> net = __import__("torch").nn.Linear(4, 2)
+            >>> type(Recipe.from_dict({"optimizer": "adafactor"}).create_optimizer(net, lr=1e-3)).__name__
+            'Adafactor'
+
+        Raises:
+            RecipeError: adamw-8bit without bitsandbytes (`pip install tfmem[8bit]`) or on a device it
+                does not run on.
+        """
+        from tfmem.techniques.optimizer import build_optimizer
+
+        return build_optimizer(self.optimizer, params, lr=lr, **kwargs)
+
+    def tf32_matmul(self):
+        """A context manager that turns TF32 on for the block when the recipe says `tf32: true`, and
+        restores the previous setting afterwards; check the device with `accelerator_kwargs(device)` first."""
+        from tfmem.techniques.tf32 import tf32_matmul
+
+        return tf32_matmul(self.tf32.enabled)
+
+    def batch_sampler(self, lengths, batch_size: int, *, seed: int = 0):
+        """A length-grouped `batch_sampler` for an accelerate loop's DataLoader when `group_by_length` is on,
+        else None (then use `batch_size=` as usual).
+
+        Args:
+            lengths: tokens per sample, or the dataset (its `length` or `input_ids` column).
+            batch_size: the micro-batch (what the DataLoader yields); windows of
+                `gradient_accumulation_steps` micro-batches are grouped together.
+        """
+        if not self.grouping.enabled:
+            return None
+        from tfmem.techniques.grouping import LengthGroupedBatchSampler
+
+        return LengthGroupedBatchSampler(lengths, batch_size, self.gradient_accumulation_steps, seed=seed)
+
     def micro_batch_splitter(self, model: nn.Module):
         """A `MicroBatchSplitter` for an accelerate loop when `auto_micro_batch` is on, else None."""
         from tfmem.techniques.micro_batch import MicroBatchSplitter
@@ -323,6 +381,12 @@ class Recipe:
             parts.append(f"freeze {self.freeze.layers} layers")
         if self.micro_batch.enabled:
             parts.append("auto micro-batch")
+        if self.optimizer.name != "adamw":
+            parts.append(self.optimizer.name)
+        if self.tf32.enabled:
+            parts.append("tf32")
+        if self.grouping.enabled:
+            parts.append("group by length")
         return ", ".join(parts) or "no techniques (baseline)"
 
 

@@ -24,9 +24,12 @@ from tfmem.techniques._fields import quote, text_problem
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
+from tfmem.techniques.grouping import GroupingConfig
 from tfmem.techniques.freezing import FreezeConfig
 from tfmem.techniques.micro_batch import AutoMicroBatchConfig
+from tfmem.techniques.optimizer import OptimizerConfig
 from tfmem.techniques.precision import PrecisionConfig
+from tfmem.techniques.tf32 import TF32Config
 
 OMIT = object()  # `_Key.write` returns it to leave the key out of `to_dict` (a default not worth writing)
 MAX_UNKNOWN_KEYS_SHOWN = 10  # a file of 100,000 unknown keys gets ten lines and a count, not 100,000 lines
@@ -127,6 +130,19 @@ KEYS: tuple[_Key, ...] = (
     _scalar_key(
         "auto_micro_batch", "micro_batch", AutoMicroBatchConfig, lambda c: True if c.enabled else OMIT,
         "on out-of-memory, halve the micro-batch and retry (effective batch unchanged)",
+    ),
+    # Written only when set, like auto_micro_batch: recipes from before these keys read back unchanged.
+    _scalar_key(
+        "optimizer", "optimizer", OptimizerConfig, lambda c: c.name if c.name != "adamw" else OMIT,
+        "adamw | adamw-8bit | adafactor; the last two keep less state and change what is learned",
+    ),
+    _scalar_key(
+        "tf32", "tf32", TF32Config, lambda c: True if c.enabled else OMIT,
+        "fp32 matmuls on TF32 tensor cores: 2.5-3x faster, same memory; CUDA 8.0+ only",
+    ),
+    _scalar_key(
+        "group_by_length", "grouping", GroupingConfig, lambda c: True if c.enabled else OMIT,
+        "batches of similar length: less padding; samples' order is less random",
     ),
 )
 KEY_NAMES = tuple(k.name for k in KEYS)

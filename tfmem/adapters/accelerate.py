@@ -1,16 +1,18 @@
 """The accelerate adapter: a recipe in a plain `accelerate` training loop.
 
-    accelerator = Accelerator(**recipe.accelerator_kwargs())
+    accelerator = Accelerator(**recipe.accelerator_kwargs())  # also checks tf32 / the optimizer on the device
     model = recipe.prepare_model(model)                     # freeze, checkpoint
-    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    optimizer = recipe.create_optimizer(model, lr=2e-5)   # adamw | adamw-8bit | adafactor
+    loader = DataLoader(dataset, batch_sampler=recipe.batch_sampler(dataset, micro_batch), ...)  # group_by_length
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    for window in tfmem.accumulation_windows(loader, accelerator, model):
-        with accelerator.accumulate(model):
-            outputs = model(**window.batch)
-            accelerator.backward(tfmem.exact_loss(model, outputs, window, accelerator))
-            optimizer.step()
-            scheduler.step()        # accelerate skips it when an fp16 step was skipped
-            optimizer.zero_grad()
+    with recipe.tf32_matmul():      # tf32: true; the previous setting is restored afterwards
+        for window in tfmem.accumulation_windows(loader, accelerator, model):
+            with accelerator.accumulate(model):
+                outputs = model(**window.batch)
+                accelerator.backward(tfmem.exact_loss(model, outputs, window, accelerator))
+                optimizer.step()
+                scheduler.step()        # accelerate skips it when an fp16 step was skipped
+                optimizer.zero_grad()
 
 `accelerator.backward` divides every loss by the accumulation steps, which averages micro-batch
 *means*: exact only when every micro-batch holds the same number of items. `exact_loss` instead
@@ -30,7 +32,9 @@ from torch import nn
 from tfmem.errors import RecipeError
 from tfmem.techniques.accumulation import AccumulationWindow, count_loss_items, loss_shifts_labels, summed_loss
 from tfmem.techniques.micro_batch import MicroBatchSplitter
+from tfmem.techniques.optimizer import optimizer_problems
 from tfmem.techniques.precision import precision_problems
+from tfmem.techniques.tf32 import tf32_problems
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -44,17 +48,21 @@ def default_device() -> torch.device:
 
 
 def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None) -> dict[str, Any]:
-    """`Accelerator` keyword arguments for `recipe`, after checking its precision against the device.
+    """`Accelerator` keyword arguments for `recipe`, after checking its precision, TF32 and optimizer against the device.
 
     Args:
         recipe: the recipe.
         device: where training runs; default what accelerate picks (CUDA when present).
 
     Raises:
-        RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0).
+        RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0),
+            TF32 is asked for without TF32 tensor cores, or adamw-8bit cannot run there.
     """
     device = torch.device(device) if device is not None else default_device()
-    if problems := precision_problems(recipe.mixed_precision, device):
+    problems = precision_problems(recipe.mixed_precision, device)
+    problems += tf32_problems(recipe.tf32.enabled, device)
+    problems += optimizer_problems(recipe.optimizer, device)
+    if problems:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit device {device}")
     kwargs: dict[str, Any] = {
         "gradient_accumulation_steps": recipe.gradient_accumulation_steps,

@@ -8,6 +8,11 @@
   accumulated gradient comes out `steps` times too large.
 - Mixed precision: the Trainer's `fp16`/`bf16` arguments, so its accelerator builds the GradScaler and
   autocast, and skips the scheduler on skipped fp16 steps.
+- Optimizer, TF32, length grouping: the Trainer's own `optim` (`adamw_bnb_8bit`, `adafactor`; left at
+  its AdamW default for `adamw`), `tf32` and `train_sampling_strategy="group_by_length"` (`group_by_length`
+  before transformers 5), so `trainer.create_optimizer()` and its data loader build them. The recipe's
+  defaults (adamw, no tf32, no grouping) leave the arguments alone; otherwise arguments left at their
+  defaults take the recipe's choice, and any other setting must agree with it.
 - Checkpointing and freezing: done by tfmem on the model (`prepare_model`), because transformers'
   own checkpointing wraps frozen layers too and refuses some families (MPNet). The Trainer's
   `activation_checkpointing` argument is therefore left off.
@@ -28,7 +33,9 @@ from tfmem.log import announce
 from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
 from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
 from tfmem.techniques.micro_batch import MicroBatchSplitter
+from tfmem.techniques.optimizer import optimizer_problems, trainer_optim, trainer_optim_problems
 from tfmem.techniques.precision import precision_problems
+from tfmem.techniques.tf32 import tf32_problems
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -91,8 +98,37 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
             "normalisation under gradient accumulation does not implement label smoothing. Set it to 0 or use "
             "`gradient_accumulation_steps: 1`."
         )
+    problems += trainer_optim_problems(recipe.optimizer, args.optim)
+    # `tf32: false` and `group_by_length: false` (the defaults) leave the arguments' own choice alone.
+    if recipe.tf32.enabled and getattr(args, "tf32", None) is False:
+        problems.append(
+            f"`tf32` is {str(recipe.tf32.enabled).lower()} in the recipe but {args.tf32} in the TrainingArguments; "
+            "leave `tf32` unset in the arguments and let the recipe decide, or use a recipe with the `tf32` you want."
+        )
+    grouped = _grouped_by_length(args)
+    if recipe.group_by_length and grouped is False:
+        problems.append(
+            f"`group_by_length` is {str(recipe.group_by_length).lower()} in the recipe but the TrainingArguments "
+            f"ask for {_sampling_setting(args)}; leave it at its default and let the recipe decide, or use a recipe "
+            "with the `group_by_length` you want."
+        )
     problems += precision_problems(recipe.mixed_precision, args.device)
+    problems += tf32_problems(recipe.tf32.enabled, args.device)
+    problems += optimizer_problems(recipe.optimizer, args.device)
     return problems
+
+
+def _grouped_by_length(args: TrainingArguments) -> bool | None:
+    """Whether the arguments group by length (True), choose another order (False), or leave it (None)."""
+    strategy = getattr(args, "train_sampling_strategy", None)
+    if strategy is None:  # transformers < 5
+        return True if getattr(args, "group_by_length", False) else None
+    return None if strategy == "random" else strategy == "group_by_length"
+
+
+def _sampling_setting(args: TrainingArguments) -> str:
+    strategy = getattr(args, "train_sampling_strategy", None)
+    return f"train_sampling_strategy={strategy!r}" if strategy is not None else "group_by_length=True"
 
 
 def training_arguments(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
@@ -119,6 +155,15 @@ def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
         # tfmem checkpoints the model itself (frozen layers skipped, non-reentrant, every family).
         _checkpointing_arg(args): False,
     }
+    if optim := trainer_optim(recipe.optimizer):
+        changes["optim"] = optim
+    if recipe.tf32.enabled:
+        changes["tf32"] = True
+    if recipe.group_by_length:
+        if hasattr(args, "train_sampling_strategy"):
+            changes["train_sampling_strategy"] = "group_by_length"
+        else:  # transformers < 5
+            changes["group_by_length"] = True
     if recipe.gradient_accumulation_steps > 1:
         changes["gradient_accumulation_steps"] = recipe.gradient_accumulation_steps
         changes["per_device_train_batch_size"] = micro_batch_size(

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--overhead", default=None, help="memory outside PyTorch's allocator (CUDA context); default 0.5GiB on CUDA, 0 on CPU")
     p.add_argument("--allow-freeze", type=int, default=0, metavar="N",
                    help="also try freezing the embeddings and first N layers (changes what is learned; default never)")
+    p.add_argument("--allow-optimizer", default="", metavar="NAMES",
+                   help="also try lighter optimizers, comma-separated: adamw-8bit,adafactor (change what is learned; default never)")
     add_device_arguments(p)
     p.add_argument("--output", "-o", metavar="PATH", help="write the chosen recipe here as YAML (loads with Recipe.from_yaml)")
     p.add_argument("--keep", type=int, default=1, metavar="N",
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.seq_len is None:
             raise ValueError("--seq-len is required (or --dataset FILE to plan for a dataset's lengths).")
         result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
+                      allow_optimizer=[n.strip() for n in args.allow_optimizer.split(",") if n.strip()],
                       overhead_bytes=overhead, keep=max(args.keep, args.measure or 0))
     except SizeError as e:
         print(f"tfmem plan: error: {e}", file=sys.stderr)

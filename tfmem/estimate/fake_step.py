@@ -11,7 +11,8 @@ The step measured is a steady-state one, the worst micro-batch of an optimizer s
 
 - The optimizer's state already exists (after the first step it always does); see `build_optimizer`.
   AdamW: exp_avg and exp_avg_sq per trainable parameter, plus its step counter (a device tensor for
-  the fused CUDA optimizer, transformers' default there).
+  the fused CUDA optimizer, transformers' default there). Other optimizers (`optimizer: adamw-8bit |
+  adafactor`) keep their own state: see optimizer_state.py.
 - With accumulation, the gradients of the earlier micro-batches are live while this one runs forward.
 - forward under autocast for fp16/bf16 (weights stay fp32; autocast's cast copies live until backward),
   loss, backward, `optimizer.step()`, `zero_grad(set_to_none=True)`.
@@ -43,6 +44,7 @@ from tfmem.estimate.allocator import simulate
 from tfmem.estimate.attention import implementation_for
 from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.kernels import CudaKernelTemporaries, cuda_dropout
+from tfmem.estimate.optimizer_state import fake_optimizer
 from tfmem.estimate.tracking import AllocationLog, device_live_bytes
 from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.prepare import prepare
@@ -157,7 +159,7 @@ def run_fake_step(
         prepare(model, recipe)  # quietly: the planner prepares many candidates, none of them the user's model
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(trainable, device)
+        optimizer = build_optimizer(trainable, device, recipe.optimizer.name, model)
         if recipe.gradient_accumulation_steps > 1:
             for p in trainable:  # the earlier micro-batches' gradients
                 p.grad = torch.zeros_like(p)
@@ -221,13 +223,14 @@ def _build(config: PretrainedConfig, model_class: type[nn.Module] | None, device
         raise
 
 
-def build_optimizer(params: list[nn.Parameter], device: DeviceProfile) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], device: DeviceProfile, name: str = "adamw",
+                    model: nn.Module | None = None) -> torch.optim.Optimizer:
     """The optimizer a training run on `device` uses, with its state as it stands after the first step.
 
     AdamW as transformers' Trainer builds it by default: `adamw_torch_fused` on CUDA, plain
     `torch.optim.AdamW` (for-loop) on CPU. One step on zero gradients creates the state exactly as the
-    optimizer itself lays it out (exp_avg, exp_avg_sq and the step counter per parameter). Other
-    optimizers (8-bit AdamW, Adafactor) belong here: the rest of the fake step only steps it.
+    optimizer itself lays it out (exp_avg, exp_avg_sq and the step counter per parameter). `name`
+    "adamw-8bit" or "adafactor" (the recipe's `optimizer`) builds theirs instead (see optimizer_state.py).
 
     Raises:
         ValueError: nothing to train.
@@ -235,8 +238,11 @@ def build_optimizer(params: list[nn.Parameter], device: DeviceProfile) -> torch.
     if not params:
         raise ValueError("the recipe freezes every parameter; there is nothing to train. Freeze fewer layers.")
     impl = device.optimizer_impl
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=impl == "fused" or None,
-                                  foreach=False if impl == "for-loop" else None)
+    if name != "adamw":  # adamw-8bit (needs the model: its embeddings stay 32-bit), adafactor
+        optimizer = fake_optimizer(name, model, params)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=impl == "fused" or None,
+                                      foreach=False if impl == "for-loop" else None)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()

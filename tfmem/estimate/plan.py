@@ -9,6 +9,8 @@ Search space, per target device:
 - tf32 (fp32 weights, TF32 matmuls) on capability 8.0+, once `Recipe` has the `tf32` key (issue 8);
   it needs fp32's memory, so it reuses fp32's estimates;
 - freezing: only with `allow_freeze=N` (it changes what is learned): the embeddings and the first N layers.
+- optimizer: only with `allow_optimizer=("adamw-8bit", "adafactor")` (they change what is learned): their
+  smaller state (see estimate/optimizer_state.py); the speed model counts their step as AdamW's.
 
 `search_space` lists these combinations; for each, the accumulation steps are tried from 1 upwards and
 the first that fits is kept: fewer micro-batches are never slower. Estimates use the depth extrapolation
@@ -16,7 +18,8 @@ the first that fits is kept: fewer micro-batches are never slower. Estimates use
 extrapolation's error margin (`verify_margin`) is then estimated at full depth, and if that does not
 fit, the same techniques with more accumulation and the other combinations compete again. Speed comes from `speed.SpeedModel` (see its docstring): a step time per precision with a
 kernel-launch floor for small micro-batches, fitted to an H200. Ranking: recipes that freeze nothing
-first (freezing changes what is learned), then fastest, then fewest micro-batches.
+first (freezing changes what is learned), then those that keep AdamW, then fastest, then fewest
+micro-batches.
 
 What "fits" means: on CUDA, the simulated reserved bytes (the allocator's cache included) plus
 `overhead_bytes` (the CUDA context and library workspaces, outside PyTorch's allocator: 0.5 GiB by
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,12 +66,14 @@ class SearchPoint:
         checkpointing: gradient checkpointing on or off.
         frozen: 0, or the embeddings and this many first layers frozen.
         tf32: fp32 with TF32 matmuls (same memory as fp32; only with precision "no").
+        optimizer: the recipe's `optimizer` ("adamw", or an allowed lighter one).
     """
 
     precision: str
     checkpointing: bool
     frozen: int = 0
     tf32: bool = False
+    optimizer: str = "adamw"
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ class Plan:
         }
 
 
-def search_space(profile: DeviceProfile, allow_freeze: int = 0) -> list[SearchPoint]:
+def search_space(profile: DeviceProfile, allow_freeze: int = 0, allow_optimizer: Sequence[str] = ()) -> list[SearchPoint]:
     """Every combination the planner tries, before accumulation; the one place to add a technique to search.
 
     Example:
@@ -171,12 +177,27 @@ def search_space(profile: DeviceProfile, allow_freeze: int = 0) -> list[SearchPo
     sixteen = [m for m in profile.precisions() if m != "no"][:1]
     fp32_variants = [False, True] if _speed.tf32_available(profile) and recipe_accepts_tf32() else [False]
     points = []
-    for frozen in [0] + ([allow_freeze] if allow_freeze else []):
-        for precision in ["no", *sixteen]:
-            for tf32 in fp32_variants if precision == "no" else [False]:
-                for checkpointing in (False, True):
-                    points.append(SearchPoint(precision, checkpointing, frozen, tf32))
+    for optimizer in ["adamw", *_lighter_optimizers(allow_optimizer)]:
+        for frozen in [0] + ([allow_freeze] if allow_freeze else []):
+            for precision in ["no", *sixteen]:
+                for tf32 in fp32_variants if precision == "no" else [False]:
+                    for checkpointing in (False, True):
+                        points.append(SearchPoint(precision, checkpointing, frozen, tf32, optimizer))
     return points
+
+
+def _lighter_optimizers(allowed: Sequence[str]) -> list[str]:
+    """The allowed optimizers other than AdamW, checked (a misspelt one is a ValueError with a suggestion)."""
+    from tfmem.errors import RecipeError
+    from tfmem.techniques.optimizer import OptimizerConfig
+
+    names = [allowed] if isinstance(allowed, str) else list(allowed)
+    for n in names:
+        try:
+            OptimizerConfig(n)
+        except RecipeError as e:
+            raise ValueError(f"--allow-optimizer: {e.problems[0].removeprefix('`optimizer` ')}") from None
+    return [n for n in dict.fromkeys(names) if n != "adamw"]
 
 
 def recipe_accepts_tf32() -> bool:
@@ -198,6 +219,7 @@ def plan(
     *,
     gpu: str | None = None,
     allow_freeze: int = 0,
+    allow_optimizer: Sequence[str] = (),
     overhead_bytes: int | None = None,
     speed: SpeedModel | None = None,
     verify: bool = True,
@@ -213,6 +235,7 @@ def plan(
         budget_bytes: device memory available (for a whole card: its memory; `overhead_bytes` is taken off).
         device, gpu: the target device (see `device_profile`).
         allow_freeze: 0 never freezes; N also tries freezing the embeddings and the first N layers.
+        allow_optimizer: lighter optimizers to try as well ("adamw-8bit", "adafactor"); default AdamW only.
         overhead_bytes: memory outside PyTorch's allocator; default 0.5 GiB on CUDA, 0 on CPU.
         speed: the speed model; default `SpeedModel()`.
         verify: re-estimate the chosen recipe at full depth when its headroom is within the depth
@@ -244,7 +267,7 @@ def plan(
 
     def candidate(point: SearchPoint, steps: int, exact: bool) -> Candidate:
         recipe = _recipe(name, batch_size, seq_len, steps, point)
-        key = (steps, point.precision, point.checkpointing, point.frozen, exact)
+        key = (steps, point.precision, point.checkpointing, point.frozen, point.optimizer, exact)
         if key not in estimates:
             est = estimate_memory(target, recipe, batch_size, seq_len, profile, extrapolate_depth=not exact,
                                   num_labels=num_labels)
@@ -261,11 +284,11 @@ def plan(
     # (confirmed at full depth) is the answer, and the search stops after `keep` fitting recipes.
     # Estimates are the expensive part; a combination's slower accumulations are skipped once one fits.
     queue = []
-    for point in search_space(profile, allow_freeze):
+    for point in search_space(profile, allow_freeze, allow_optimizer):
         for steps in steps_options:
             recipe = _recipe(name, batch_size, seq_len, steps, point)
             t = speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32)
-            queue.append(((point.frozen > 0, round(t, 6), steps), point, steps))
+            queue.append(((point.frozen > 0, point.optimizer != "adamw", round(t, 6), steps), point, steps))
     queue.sort(key=lambda item: item[0])
     fitting: list[Candidate] = []
     lowest: dict[SearchPoint, Candidate] = {}  # per combination without a fit: its lowest-memory try
@@ -313,6 +336,8 @@ def _recipe(model: str, batch: int, seq_len: int, steps: int, point: SearchPoint
     }
     if point.tf32:
         changes["tf32"] = True  # only searched when Recipe has the key (recipe_accepts_tf32)
+    if point.optimizer != "adamw":
+        changes["optimizer"] = point.optimizer
     recipe = Recipe(name="planned").replace(**changes)
     short = model.rsplit("/", 1)[-1]
     return recipe.replace(

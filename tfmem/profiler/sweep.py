@@ -60,7 +60,10 @@ from tfmem.profiler.report import RowWriter, add_ratios, normalise
 from tfmem.profiler.session import Profiler
 from tfmem.recipe import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
+from tfmem.techniques.grouping import group_batches
+from tfmem.techniques.optimizer import optimizer_problems
 from tfmem.techniques.precision import precision_problems
+from tfmem.techniques.tf32 import tf32_problems
 from tfmem.zoo import DEFAULT_MODEL, build_model, resolve, seq_len_problem
 
 logger = logging.getLogger(__name__)
@@ -340,7 +343,9 @@ def _row_base(recipe: Recipe, spec: SweepSpec) -> dict[str, Any]:
 
 def _not_runnable(recipe: Recipe, spec: SweepSpec) -> str | None:
     """Why `recipe` cannot run on this device at all (known without starting anything), or None."""
-    if problems := precision_problems(recipe.mixed_precision, spec.torch_device):
+    problems = precision_problems(recipe.mixed_precision, spec.torch_device)
+    problems += tf32_problems(recipe.tf32.enabled, spec.torch_device)
+    if problems := problems + optimizer_problems(recipe.optimizer, spec.torch_device):
         return " ".join(problems)
     try:
         micro_batch_size(spec.batch_size, recipe.gradient_accumulation_steps)
@@ -449,7 +454,10 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
     state["frozen_note"] = _frozen_note(recipe, model)
     accelerator = Accelerator(**recipe.accelerator_kwargs(device=device))
     defaults = trainer_defaults()
-    optimizer = defaults.optimizer([p for p in model.parameters() if p.requires_grad])
+    if recipe.optimizer.name == "adamw":
+        optimizer = defaults.optimizer([p for p in model.parameters() if p.requires_grad])
+    else:  # adamw-8bit / adafactor: the class and arguments the Trainer builds for the recipe's `optim`
+        optimizer = recipe.create_optimizer(model, lr=defaults.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
     state.update(model=model, optimizer=optimizer, accelerator=accelerator)
     model.train()
@@ -469,12 +477,15 @@ def _train(recipe: Recipe, spec: SweepSpec, samples: list[Sample], micro: int, s
     pad_to = None if spec.dataset else spec.seq_len
     pad_id = getattr(accelerator.unwrap_model(model).config, "pad_token_id", None) or 0
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if recipe.group_by_length:  # each step's window of micro-batches from samples of similar length
+        order = group_batches([len(s.input_ids) for s in samples], micro, recipe.gradient_accumulation_steps, seed=spec.seed)
+        samples = [samples[i] for batch in order for i in batch]
     state["padding"] = padded = []  # every micro-batch's attention mask, for the row's padding fraction
     for step, step_samples in enumerate(_steps(samples, spec)):
         planned = micro_batches(step_samples, micro, pad_to, pad_id)
         padded += [{"attention_mask": b["attention_mask"]} for b in planned]
         batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in planned]
-        with profiler.step():
+        with profiler.step(), recipe.tf32_matmul():  # tf32: on for the step, restored after
             for window in accumulation_windows(batches, accelerator, model):
                 profiler.count(window.batch)
                 with accelerator.accumulate(model):
