@@ -33,8 +33,8 @@ def test_a_grouped_recipe_is_profiled_on_length_grouped_steps(tiny_model_dir, mo
         seen.append([len(s.input_ids) for s in samples])
         return original(samples, micro, pad_to, pad_id)
 
-    monkeypatch.setattr(sweep, "micro_batches", record)
+    monkeypatch.setattr(sweep, "micro_batches", record)  # seen in this process: isolate=False below
     grouped = Recipe.from_dict({"name": "grouped", "group_by_length": True})
-    run_sweep(spec(tiny_model_dir, grouped, include_baseline=False, steps=3, memory_steps=1))
+    run_sweep(spec(tiny_model_dir, grouped, include_baseline=False, steps=3, memory_steps=1, isolate=False))
     # Synthetic samples have lengths between half and all of seq_len; grouped steps are sorted runs.
     assert seen and all(max(step) - min(step) < 8 for step in seen), seen
