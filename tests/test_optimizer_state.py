@@ -117,9 +117,9 @@ def test_the_planner_tries_lighter_optimizers_only_when_allowed():
     base = estimate_memory(cfg, recipe("adamw"), 2, 32, device="cpu")
     light = estimate_memory(cfg, recipe("adafactor"), 2, 32, device="cpu")
     budget = (base.peak_bytes + light.peak_bytes) // 2  # AdamW's full-batch step does not fit, Adafactor's does
-    default = plan(cfg, 2, 32, budget, "cpu", verify=False)
+    default = plan(cfg, 2, 32, budget, "cpu", verify=False, keep=50)
     assert all(c.recipe.optimizer.name == "adamw" for c in default.fitting + default.not_fitting)
-    allowed = plan(cfg, 2, 32, budget, "cpu", allow_optimizer=["adafactor"], verify=False)
+    allowed = plan(cfg, 2, 32, budget, "cpu", allow_optimizer=["adafactor"], verify=False, keep=50)
     names = {c.recipe.optimizer.name for c in allowed.fitting}
     assert "adafactor" in names
     assert any(c.recipe.optimizer.name == "adafactor" and c.recipe.gradient_accumulation_steps == 1
