@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tfmem.profiler import sweep
+from tfmem.profiler import row
 from tfmem.profiler.sweep import SweepSpec, run_sweep
 from tfmem.recipe import Recipe
 
@@ -27,13 +27,13 @@ def test_a_profile_row_trains_with_the_recipes_optimizer_and_tf32_is_not_run_on_
 
 def test_a_grouped_recipe_is_profiled_on_length_grouped_steps(tiny_model_dir, monkeypatch):
     seen = []
-    original = sweep.micro_batches
+    original = row.micro_batches
 
     def record(samples, micro, pad_to, pad_id):
         seen.append([len(s.input_ids) for s in samples])
         return original(samples, micro, pad_to, pad_id)
 
-    monkeypatch.setattr(sweep, "micro_batches", record)  # seen in this process: isolate=False below
+    monkeypatch.setattr(row, "micro_batches", record)  # seen in this process: isolate=False below
     grouped = Recipe.from_dict({"name": "grouped", "group_by_length": True})
     run_sweep(spec(tiny_model_dir, grouped, include_baseline=False, steps=3, memory_steps=1, isolate=False))
     # Synthetic samples have lengths between half and all of seq_len; grouped steps are sorted runs.

@@ -159,7 +159,7 @@ def test_a_batch_that_does_not_divide_by_a_recipes_accumulation_is_refused_up_fr
 def test_a_sequence_longer_than_the_models_positions_is_refused_before_training(tmp_path, monkeypatch):
     from transformers import RobertaConfig
 
-    from tfmem.profiler import sweep
+    from tfmem.profiler import row
 
     folder = tmp_path / "tiny-roberta"
     # RoBERTa's positions start after the padding index: 34 positions hold 34 - (1 + 1) = 32 tokens.
@@ -170,7 +170,7 @@ def test_a_sequence_longer_than_the_models_positions_is_refused_before_training(
     def must_not_train(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(sweep, "build_model", must_not_train)
+    monkeypatch.setattr(row, "build_model", must_not_train)
     with pytest.raises(ValueError, match=r"`--seq-len` is 33 but tiny-roberta holds at most 32 tokens; use 32"):
         run_sweep(spec(str(folder), seq_len=33))
 
@@ -192,17 +192,17 @@ def test_in_process_rows_free_a_mixed_precision_model_before_the_next_row(tiny_m
     import gc
     import weakref
 
-    from tfmem.profiler import sweep
+    from tfmem.profiler import row
 
     built = []
-    real_build = sweep.build_model
+    real_build = row.build_model
 
     def build_and_remember(*args, **kwargs):
         model, source = real_build(*args, **kwargs)
         built.append(weakref.ref(model))
         return model, source
 
-    monkeypatch.setattr(sweep, "build_model", build_and_remember)
+    monkeypatch.setattr(row, "build_model", build_and_remember)
     alive_at_next_start = []
 
     def on_event(kind, info):

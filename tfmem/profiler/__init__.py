@@ -5,8 +5,9 @@
 - `LiveBytes` (live_bytes.py): the exact count of live tensor bytes on CPU (and on fake tensors).
 - `Profiler` (session.py): memory and speed windows around the steps of any loop (accelerate).
 - `MemoryProfilerCallback` (callback.py): the same inside `transformers.Trainer`.
-- `run_sweep` / `SweepSpec` (sweep.py): one model under each recipe, as `tfmem profile` runs it;
-  report.py writes its rows (results.json, results.csv, a PNG chart).
+- `run_sweep` / `SweepSpec` (sweep.py): one model under each recipe, as `tfmem profile` runs it,
+  each row in a fresh process (isolation.py) that trains and measures it (row.py); report.py writes
+  its rows (results.json, results.csv, a PNG chart).
 """
 
 from tfmem.profiler.live_bytes import CATEGORIES, AllocationObserver, LiveBytes

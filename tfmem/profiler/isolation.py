@@ -1,0 +1,132 @@
+"""Each row of a sweep in a fresh process of its own, forked from a server that preloaded torch.
+
+Rows measured one after the other in one process were not reproducible on a GPU (bert-base 32x512 on
+an H200: `low-memory` peaked at 3.61 GB after the fp16 row and 2.28 GB after the baseline). The cause:
+accelerate's mixed precision makes reference cycles (`model._original_forward` is a bound method of
+the model; with a GradScaler the optimizer's patched `step` refers back to the optimizer), so a
+bf16/fp16 row's model, and an fp16 row's optimizer state, outlived the row until Python's cyclic
+collector happened to run, which depended on how many Python objects the process had made (the CLI's
+progress display, `--steps`, the order of the recipes). An in-process sweep can collect them
+(`profile_recipe` does), but it cannot undo everything else a row leaves in a process: allocator
+caches and fragmentation, library workspaces, autocast and compile caches, malloc arenas in
+`peak_rss_bytes`, accelerate's process-wide state, a CUDA memory fraction. A fresh process per recipe
+leaves nothing to undo, and it also makes out-of-memory recovery (even the kernel's OOM killer: the
+row says the process died) and `--max-memory` on CUDA clean. The price is the start of a process: a
+`forkserver` that imports torch, transformers and accelerate once (a few seconds, overlapped with
+preparing the samples) forks each row's process in milliseconds, and the process builds its model as
+an in-process row would. `SweepSpec(isolate=False)` keeps the in-process loop for debugging (and for
+tests that patch tfmem/profiler/row.py).
+
+A row's process sends its step events and then its row back through a pipe; a process that dies
+before sending its row (killed, or exited) still gives an `error` row that says how it died.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tfmem.profiler.batches import Sample
+from tfmem.profiler.row import _first_line, _row_base, profile_recipe
+from tfmem.recipe import Recipe
+
+if TYPE_CHECKING:  # the sweep imports this module: its spec is a type here only
+    from tfmem.profiler.sweep import SweepSpec
+
+
+# What the fork server imports once, so that each row's process starts with them loaded (the sweep
+# module imports row.py and this one).
+_PRELOAD = ["torch", "transformers", "accelerate", "transformers.training_args", "transformers.models.bert.modeling_bert",
+            "tfmem.profiler.sweep", "tfmem.adapters.accelerate"]
+
+
+def _process_context():
+    """A `forkserver` context (spawn where there is none): each row's process is forked from a server
+    that imported torch and transformers once and never touched CUDA, so CUDA is initialised fresh in
+    every row. Plain `fork` of this process would be faster still, but forking after CUDA or OpenMP
+    threads have started is unsafe."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Only effective before the server starts (the first row of the process's first sweep).
+    context.set_forkserver_preload(_PRELOAD)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return context
+
+
+def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on_step: Callable[[int], None]) -> dict[str, Any]:
+    """`profile_recipe` in a fresh process; its step events come back through a pipe, then its row."""
+    context = _process_context()
+    receiver, sender = context.Pipe(duplex=False)
+    plain = [(s.input_ids.tolist(), s.label) for s in samples]  # plain data: no tensor sharing to set up
+    # The row logs as this process would: the CLI's logging set-up (WARNING, or INFO with -v) is not
+    # inherited by a forked-from-the-server process, and without it every row would print apply's summary.
+    root = logging.getLogger()
+    setup = (root.level, [h.formatter._fmt for h in root.handlers if h.formatter is not None][:1]) if root.handlers else None
+    process = context.Process(target=_child_main, args=(sender, recipe, spec, plain, setup),
+                              name=f"tfmem-profile-{recipe.name}", daemon=True)
+    process.start()
+    sender.close()  # the child holds the only writing end: EOF when it dies
+    row = None
+    try:
+        while row is None:
+            try:
+                kind, info = receiver.recv()
+            except EOFError:
+                break
+            if kind == "step":
+                on_step(info)
+            else:
+                row = info
+    finally:
+        receiver.close()
+        process.join(timeout=60 if row is not None else 5)
+        if process.is_alive():  # interrupted, or a child that hangs on its way out
+            process.kill()
+            process.join()
+    if row is None:
+        row = _row_base(recipe, spec)
+        row["message"] = _death_message(process.exitcode)
+    return row
+
+
+def _death_message(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        why = " (the system's out-of-memory killer sends it)" if -exitcode == signal.SIGKILL else ""
+        return f"the recipe's process was killed by {name}{why} before it reported a row"
+    return (f"the recipe's process exited with code {exitcode} before it reported a row (a script that runs a "
+            "sweep must keep its top-level code under `if __name__ == \"__main__\":`, which multiprocessing re-imports "
+            "in each row's process; or use SweepSpec(isolate=False))")
+
+
+def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]], setup=None) -> None:
+    """The body of a row's process: profile one recipe, send step events and the row, exit."""
+    try:
+        if setup is not None:
+            level, formats = setup
+            logging.basicConfig(level=level, **({"format": formats[0]} if formats else {}))
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        device = spec.torch_device
+        if spec.max_memory_bytes is not None and device.type == "cuda":
+            # A real CUDA limit: the caching allocator refuses to grow this process past the fraction.
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(spec.max_memory_bytes / total, 1.0), device)
+        samples = [Sample(torch.tensor(ids, dtype=torch.long), label) for ids, label in plain]
+        row = profile_recipe(recipe, spec, samples, on_step=lambda i: sender.send(("step", i)))
+    except BaseException as e:  # noqa: BLE001 - whatever happens, the parent gets a row
+        row = _row_base(recipe, spec)
+        row["message"] = f"{type(e).__name__}: {_first_line(str(e))}"
+    try:
+        sender.send(("row", row))
+    finally:
+        sender.close()
