@@ -6,9 +6,10 @@
 Each command runs in a fresh process (`python -m tfmem ...`), as a user's shell would start it, with
 its output discarded; runs of different commands are interleaved so that load from other processes
 hits them alike. Prints the median and the slowest wall time per command, and whether the process
-imported torch. The goal (issue 9) is `--help` and `--version` under 1.5 s; `tfmem recipes` validates
-the shipped recipes, whose technique modules import torch and transformers, and is shown for scale.
-The last line is the slower of the `--help` and `--version` medians.
+imported torch. The goal (issue 9) is `--help` and `--version` under 1.5 s, and a command's own
+`--help` (`tfmem profile --help`, `tfmem estimate --help`) as quick; `tfmem recipes` validates the
+shipped recipes, whose technique modules import torch and transformers, and is shown for scale.
+The last line is the slowest median of the `--help` and `--version` commands.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ COMMANDS = {
     "tfmem --help": ["--help"],
     "tfmem --version": ["--version"],
     "tfmem (no command)": [],
+    "tfmem profile --help": ["profile", "--help"],
+    "tfmem estimate --help": ["estimate", "--help"],
     "tfmem recipes": ["recipes"],
 }
 # Run the entry point, then report whether torch was imported (on stderr, apart from the command's output).
@@ -53,11 +56,13 @@ def main() -> None:
             seconds, imported = run_once(args)
             times[name].append(seconds)
             torch_imported[name] = imported
-    print(f"{'command':<22} {'median s':>9} {'slowest s':>10}  imports torch")
+    print(f"{'command':<24} {'median s':>9} {'slowest s':>10}  imports torch")
     for name, values in times.items():
-        print(f"{name:<22} {statistics.median(values):>9.2f} {max(values):>10.2f}  {'yes' if torch_imported[name] else 'no'}")
-    slower = max(statistics.median(times["tfmem --help"]), statistics.median(times["tfmem --version"]))
-    print(f"Headline: tfmem --help / --version answer in {slower:.2f} s (median of {options.runs}; goal < 1.5 s)")
+        print(f"{name:<24} {statistics.median(values):>9.2f} {max(values):>10.2f}  {'yes' if torch_imported[name] else 'no'}")
+    quick = [name for name in COMMANDS if "--help" in name or "--version" in name]
+    slower = max(statistics.median(times[name]) for name in quick)
+    print(f"Headline: tfmem --help / --version / profile --help / estimate --help answer in {slower:.2f} s or less "
+          f"(median of {options.runs}; goal < 1.5 s)")
 
 
 if __name__ == "__main__":

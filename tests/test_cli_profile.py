@@ -70,7 +70,7 @@ def test_bad_arguments_are_one_line_errors(args, message, tmp_path, capsys):
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, tiny_model_dir, capsys,
                                                                             monkeypatch):
-    monkeypatch.setattr("tfmem.cli.profile.run_sweep", lambda *a, **k: pytest.fail("a recipe ran"))
+    monkeypatch.setattr("tfmem.profiler.sweep.run_sweep", lambda *a, **k: pytest.fail("a recipe ran"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code = profile("--model", tiny_model_dir, "--output", str(blocker / "results"), "--device", "cpu")
@@ -226,8 +226,9 @@ def model_dir_with_tokenizer(tiny_model_dir):
 def test_a_dataset_run_records_the_dataset_and_its_real_lengths(tmp_path, model_dir_with_tokenizer, capsys,
                                                                   monkeypatch):
     titles = []
-    real_chart = __import__("tfmem.cli.profile", fromlist=["write_chart"]).write_chart
-    monkeypatch.setattr("tfmem.cli.profile.write_chart", lambda rows, path, title="": titles.append(title)
+    from tfmem.profiler.report import write_chart as real_chart
+
+    monkeypatch.setattr("tfmem.profiler.report.write_chart", lambda rows, path, title="": titles.append(title)
                         or real_chart(rows, path, title))
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(["w1"] * n), "label": i % 2}) + "\n"

@@ -25,8 +25,8 @@ _EXPORTS = {
     "accumulation_windows": "tfmem.adapters.accelerate",
     "backward_step": "tfmem.adapters.accelerate",
     "exact_loss": "tfmem.adapters.accelerate",
-    "estimate_memory": "tfmem.estimate",
-    "plan": "tfmem.estimate",
+    "estimate_memory": "tfmem.estimate.estimator",
+    "plan": "tfmem.estimate.plan",  # (not the package: its `plan` attribute can be the submodule)
 }
 __all__ = sorted(_EXPORTS)
 

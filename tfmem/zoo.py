@@ -3,6 +3,10 @@
 Memory and speed do not depend on weight values, so profiling and estimating a known architecture
 needs only its configuration; with no local copy (and no network) tfmem builds it with random
 weights and says so.
+
+transformers is imported where a configuration or a model is made, not with this module: the names
+(`DEFAULT_MODEL`, `known_model_names`, the packaged MiniLM) are what `tfmem profile --help` and
+`tfmem estimate --help` list, and they should not cost the seconds transformers and torch take.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from tfmem.errors import ModelConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,8 @@ def resolve(name_or_dir: str) -> tuple[PretrainedConfig, ModelSource]:
             f"--model {name_or_dir!r} is neither a local model directory nor a known architecture; known names: "
             f"{', '.join(known_model_names())}, all-MiniLM-L6-v2 (or give a directory with config.json)."
         )
+    from transformers import AutoConfig
+
     values = dict(KNOWN_CONFIGS[key])
     model_type = values.pop("model_type")
     return AutoConfig.for_model(model_type, **values), ModelSource(key, None, True)
@@ -160,6 +167,8 @@ def load_config(folder: Path) -> PretrainedConfig:
             + 'set it to the family the weights belong to (e.g. "bert"), or upgrade transformers if the architecture '
             "is newer than it."
         )
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise many kinds here
@@ -211,6 +220,8 @@ def build_model(name_or_dir: str, num_labels: int = 2, **config_overrides: Any):
 
     Weights come from the directory when it has them; otherwise they are random (and the source says so).
     """
+    from transformers import AutoModelForSequenceClassification
+
     config, source = resolve(name_or_dir)
     config.num_labels = num_labels
     for key, value in config_overrides.items():

@@ -5,6 +5,9 @@
 - `tfmem estimate --dataset` / `tfmem plan --dataset`: estimate for the longest padded batch the file
   will give (tfmem/estimate/for_dataset.py), say what was assumed, the padding waste, and what
   truncating at the p99 length would change.
+
+The profiler and the estimator (torch) are imported inside the functions: `add_dataset_argument` is
+part of `tfmem estimate --help` and `tfmem plan --help`, which should answer without them.
 """
 
 from __future__ import annotations
@@ -14,9 +17,6 @@ import json
 import sys
 
 from rich.console import Console
-
-from tfmem.profiler.phases import PHASE_WORDS, explain, step_phase
-from tfmem.profiler.units import format_bytes
 
 
 def add_dataset_argument(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,8 @@ def dataset_line(spec) -> str | None:
 
 def phase_sentence(phase: str | None) -> str:
     """'Peak in the optimizer step: ...' for a step phase or an estimator window name."""
+    from tfmem.profiler.phases import PHASE_WORDS, explain, step_phase
+
     coarse = step_phase(phase) if phase else None
     if coarse is None:
         return "The phase of the peak is unknown."
@@ -67,6 +69,7 @@ def estimate_with_dataset(args: argparse.Namespace) -> int:
     """`tfmem estimate --dataset FILE`."""
     from tfmem.cli.estimate import profile_from_args
     from tfmem.estimate.for_dataset import estimate_for_dataset
+    from tfmem.profiler.units import format_bytes
 
     try:
         profile = profile_from_args(args)
@@ -104,6 +107,7 @@ def estimate_with_dataset(args: argparse.Namespace) -> int:
 def plan_with_dataset(args: argparse.Namespace, budget: int, overhead: int | None, profile) -> int:
     """`tfmem plan --dataset FILE`: the plan for the longest padded batch; returns 1 when nothing fits."""
     from tfmem.estimate.for_dataset import plan_for_dataset
+    from tfmem.profiler.units import format_bytes
 
     result = plan_for_dataset(args.model, args.batch_size, args.dataset, budget, profile, truncate_at=args.seq_len,
                               allow_freeze=args.allow_freeze, overhead_bytes=overhead)

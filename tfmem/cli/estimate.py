@@ -1,4 +1,8 @@
-"""`tfmem estimate`: predict the peak memory of a training step before training."""
+"""`tfmem estimate`: predict the peak memory of a training step before training.
+
+The estimator (torch, transformers) is imported in `run`, not with this module: `tfmem estimate --help`
+builds this parser and needs only the GPU table (tfmem/estimate/device.py, no torch).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli.dataset import add_dataset_argument, estimate_with_dataset, phase_sentence
-from tfmem.estimate import GPUS, device_profile, estimate_memory
-from tfmem.profiler.units import format_bytes
+from tfmem.estimate.device import GPUS, device_profile
 from tfmem.zoo import DEFAULT_MODEL
 
 
@@ -60,6 +63,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tfmem.estimate.estimator import estimate_memory
+    from tfmem.profiler.units import format_bytes
+
     if args.dataset:
         return estimate_with_dataset(args)
     if args.seq_len is None:

@@ -1,4 +1,9 @@
-"""`tfmem profile`: which recipe fits, and what it costs in speed, measured on a few training steps."""
+"""`tfmem profile`: which recipe fits, and what it costs in speed, measured on a few training steps.
+
+torch, transformers and the profiler are imported inside the functions that run the profile, not
+with this module: `tfmem profile --help` builds this parser and should answer at once (the model
+names it lists come from tfmem.zoo, which imports transformers only to build a model).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tfmem.cli.dataset import dataset_line, phase_notes
 from tfmem.errors import RecipeError
-from tfmem.profiler.report import headline, table_columns, table_rows, write_chart
-from tfmem.profiler.sweep import BASELINE, SweepSpec, run_sweep, trainer_defaults
-from tfmem.profiler.units import format_bytes, parse_bytes
-from tfmem.recipe import Recipe
-from tfmem.shipped import shipped_recipe_names
 from tfmem.zoo import DEFAULT_MODEL, _packaged_minilm, known_model_names, resolve
+
+if TYPE_CHECKING:
+    from tfmem.profiler.sweep import SweepSpec
 
 DEFAULT_OUTPUT = "tfmem-results"
 
@@ -100,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args, spec: SweepSpec, config, source, device, console: Console, dataset: str | None) -> int:
+    from tfmem.profiler.report import headline, write_chart
+    from tfmem.profiler.sweep import trainer_defaults
+    from tfmem.profiler.units import format_bytes
+
     console.print(f"Model: {source.describe()}")
     if note := _new_weights_note(source, config, spec.num_labels):
         console.print(note)
@@ -166,6 +172,8 @@ def results_table(rows: list[dict], title: str, width: int) -> tuple[Table, list
     under the table when a note column would be too narrow, and at the narrowest widths the least
     needed columns are left out (and the lines below say which).
     """
+    from tfmem.profiler.report import table_columns, table_rows
+
     names = table_columns(rows)
     cells = table_rows(rows)
     columns = {name: [c[i] for c in cells] for i, name in enumerate(names)}
@@ -207,6 +215,8 @@ def results_table(rows: list[dict], title: str, width: int) -> tuple[Table, list
 
 def _no_headline_reason(rows: list[dict]) -> str:
     """Why there is no headline ratio, by what the rows say (a baseline row is present)."""
+    from tfmem.profiler.sweep import BASELINE
+
     base = next((r for r in rows if r["recipe"] == BASELINE.name), None)
     if base is None or base["status"] != "ok":
         return "No ratios: the baseline row did not run (see its status); compare the peaks directly."
@@ -232,6 +242,11 @@ def _check_output(output: str) -> None:
 
 def _sweep_with_progress(spec: SweepSpec, output: str, console: Console) -> list[dict]:
     """Run the sweep with a progress bar on a terminal, or one line per recipe when stdout is a log."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tfmem.profiler.sweep import run_sweep
+    from tfmem.profiler.units import format_bytes
+
     recipes = spec.all_recipes()
     if not console.is_terminal:
         started = time.perf_counter()
@@ -371,6 +386,11 @@ def _new_weights_note(source, config, num_labels: int) -> str:
 
 
 def _spec(args: argparse.Namespace) -> SweepSpec:
+    from tfmem.profiler.sweep import BASELINE, SweepSpec
+    from tfmem.profiler.units import parse_bytes
+    from tfmem.recipe import Recipe
+    from tfmem.shipped import shipped_recipe_names
+
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (auto) or a number of threads, got {args.threads}.")
     if args.threads > 0:
