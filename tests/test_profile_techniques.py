@@ -23,6 +23,9 @@ def test_a_profile_row_trains_with_the_recipes_optimizer_and_tf32_is_not_run_on_
     # The baseline's AdamW state is 8 bytes per parameter; Adafactor's a few bytes per row and column.
     assert rows["adafactor"]["peak_optimizer_state_bytes"] < rows["baseline"]["peak_optimizer_state_bytes"] / 10
     assert rows["tf32"]["message"].startswith("not run: `tf32` is true but training runs on the CPU")
+    # Each row names the optimizer it trained with (results.json / results.csv), not the Trainer's default.
+    assert rows["adafactor"]["optimizer"] == "adafactor"
+    assert rows["baseline"]["optimizer"] in ("adamw_torch_fused", "adamw_torch")
 
 
 def test_a_grouped_recipe_is_profiled_on_length_grouped_steps(tiny_model_dir, monkeypatch):

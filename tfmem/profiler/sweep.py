@@ -46,6 +46,7 @@ from tfmem.profiler.row import (  # noqa: F401
     trainer_defaults,
 )
 from tfmem.recipe import Recipe
+from tfmem.techniques.optimizer import trainer_optim
 from tfmem.zoo import DEFAULT_MODEL, resolve, seq_len_problem
 
 BASELINE = Recipe.from_dict({"name": "baseline", "description": "no memory techniques: the reference for ratios"})
@@ -210,7 +211,9 @@ def run_sweep(spec: SweepSpec, output_dir=None, on_event: Event | None = None) -
         else:
             with _threads(spec.threads):
                 row = profile_recipe(recipe, spec, samples, on_step=on_step)
-        row.update({"model": source.name, "random_weights": source.random_weights, "optimizer": defaults.optim,
+        # The row names the optimizer it trained with: the Trainer's default unless the recipe chose another.
+        optim = trainer_optim(recipe.optimizer) or defaults.optim
+        row.update({"model": source.name, "random_weights": source.random_weights, "optimizer": optim,
                     "cpu_threads": (spec.threads or torch.get_num_threads()) if device.type == "cpu" else None, **data})
         if dataset is not None:
             row["dataset"] = dataset
