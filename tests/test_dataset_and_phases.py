@@ -257,3 +257,19 @@ def test_the_real_minilm_tokenizer_gives_the_files_lengths(tmp_path):
     stats, lengths = model_dataset_stats(path, "all-MiniLM-L6-v2")
     assert lengths == expected
     assert (stats.max_tokens, stats.rows) == (max(expected), 4)
+
+
+def test_phase_notes_send_a_states_dominated_peak_to_freezing_or_a_lighter_optimizer_not_checkpointing():
+    from tfmem.cli.dataset import phase_notes
+
+    mib = 2**20
+    rows = [  # MiniLM on ~10-token sentences: activations a sliver of a backward peak
+        {"recipe": "baseline", "status": "ok", "peak_phase": "backward", "peak_allocated_bytes": 347 * mib,
+         "peak_activations_bytes": mib // 3},
+        {"recipe": "long", "status": "ok", "peak_phase": "backward", "peak_allocated_bytes": 400 * mib,
+         "peak_activations_bytes": 300 * mib},
+    ]
+    short, long = phase_notes(rows)
+    assert short.startswith("baseline: ") and "activations are only 0% of it" in short
+    assert "lighter optimizer lower it" in short and "checkpointing, accumulation and 16-bit precision barely" in short
+    assert long.startswith("long: ") and "checkpointing, accumulation (smaller micro-batches) and 16-bit precision lower it" in long

@@ -40,29 +40,43 @@ def dataset_line(spec) -> str | None:
     return f"Dataset {spec.dataset}: {stats.describe()} (dynamic padding: each micro-batch padded to its longest row)"
 
 
-def phase_sentence(phase: str | None) -> str:
+def phase_sentence(phase: str | None, activation_share: float | None = None) -> str:
     """'Peak in the optimizer step: ...' for a step phase or an estimator window name."""
     from tfmem.profiler.phases import PHASE_WORDS, explain, step_phase
 
     coarse = step_phase(phase) if phase else None
     if coarse is None:
         return "The phase of the peak is unknown."
-    text = explain(coarse)
+    text = explain(coarse, activation_share)
     return f"Peak in the {PHASE_WORDS[coarse]}" + text[text.index(":"):] + "."
 
 
 def phase_notes(rows: list[dict]) -> list[str]:
     """Under the profile table: for each phase that set some row's peak, which rows and what it means."""
-    by_phase: dict[str, list[str]] = {}
+    from tfmem.profiler.phases import STATES_DOMINATE_BELOW
+
+    by_phase: dict[tuple[str, float | None], list[str]] = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("peak_phase"):
-            by_phase.setdefault(r["peak_phase"], []).append(r["recipe"])
+            share = _activation_share(r)
+            # Rows whose peak the model states set share one sentence, whatever their exact share.
+            key = (r["peak_phase"], share if share is not None and share < STATES_DOMINATE_BELOW else None)
+            by_phase.setdefault(key, []).append(r["recipe"])
     lines = []
-    for phase, names in by_phase.items():
-        sentence = phase_sentence(phase)
+    for (phase, share), names in by_phase.items():
+        if share is not None:  # the largest share among the rows grouped here
+            share = max(_activation_share(r) or 0.0 for r in rows if r.get("recipe") in names)
+        sentence = phase_sentence(phase, share)
         who = "every row" if len(names) == len(rows) else ", ".join(names)
         lines.append(f"{who}: {sentence[0].lower()}{sentence[1:]}")
     return lines
+
+
+def _activation_share(row: dict) -> float | None:
+    peak, activations = row.get("peak_allocated_bytes"), row.get("peak_activations_bytes")
+    if not peak or activations is None:
+        return None
+    return activations / peak
 
 
 def estimate_with_dataset(args: argparse.Namespace) -> int:
