@@ -221,3 +221,17 @@ def test_adamw_8bit_runs_on_the_gpu_with_8bit_state():
     optimizer.step()
     weight = model.bert.encoder.layer[0].intermediate.dense.weight
     assert optimizer.state[weight]["state1"].dtype == torch.uint8
+
+
+def test_checking_adamw_8bit_does_not_print_bitsandbytes_4bit_kernel_warning():
+    """bitsandbytes' CPU backend logs a warning about a 4-bit kernel on import; tfmem never uses it."""
+    pytest.importorskip("bitsandbytes")
+    import subprocess
+
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from tfmem.techniques.optimizer import OptimizerConfig, optimizer_problems\n"
+            "print(optimizer_problems(OptimizerConfig('adamw-8bit'), 'cpu'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    assert "gemm_4bit_forward" not in done.stderr

@@ -102,7 +102,7 @@ def optimizer_problems(config: OptimizerConfig, device: torch.device | str) -> l
         return []
     device = torch.device(device)
     try:
-        import bitsandbytes  # noqa: F401
+        bitsandbytes = _import_bitsandbytes()
     except ImportError:
         return [
             f"`optimizer` is adamw-8bit but bitsandbytes is not installed; install the extra with `{EXTRA}` "
@@ -115,6 +115,22 @@ def optimizer_problems(config: OptimizerConfig, device: torch.device | str) -> l
             f"the {device.type} device ({error}); train on a CUDA GPU, or use `optimizer: adafactor` or `adamw`."
         ]
     return []
+
+
+def _import_bitsandbytes() -> Any:
+    """Import bitsandbytes without its CPU backend's warning about a 4-bit kernel tfmem never uses.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes logs "Failed to load CPU gemm_4bit_forward from
+    kernels-community" unless the `kernels` package is installed; 8-bit AdamW does not need it.
+    """
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        quiet.setLevel(level)
+    return bitsandbytes
 
 
 @functools.lru_cache(maxsize=None)
