@@ -29,6 +29,14 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                         "with attn_implementation set keeps its own")
 
 
+def add_padding_argument(p: argparse.ArgumentParser) -> None:
+    """--no-padding for `tfmem plan`, worded as `tfmem estimate`'s (tests/test_plan.py checks they match)."""
+    p.add_argument("--no-padding", action="store_true",
+                   help="every sample fills --seq-len (packed or truncated text): the attention mask is all ones, "
+                        "transformers drops it, and 16-bit attention runs the flash kernel. Default: batches "
+                        "padded to --seq-len, as tfmem profile's are")
+
+
 def profile_from_args(args: argparse.Namespace):
     """The target device of `tfmem estimate` / `tfmem plan`.
 

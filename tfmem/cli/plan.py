@@ -1,4 +1,8 @@
-"""`tfmem plan`: the fastest recipe that fits a memory budget, written as a recipe YAML."""
+"""`tfmem plan`: the fastest recipe that fits a memory budget, written as a recipe YAML.
+
+The planner (torch, transformers: most of the command's start-up) is imported in `run`, not with this
+module: `tfmem plan --help` builds this parser and should answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli.dataset import add_dataset_argument, phase_sentence, plan_with_dataset
-from tfmem.cli.estimate import add_device_arguments, profile_from_args
-from tfmem.estimate.plan import Candidate, plan
-from tfmem.estimate.speed import speed_note
-from tfmem.profiler.units import SizeError, format_bytes, parse_bytes
+from tfmem.cli.estimate import add_device_arguments, add_padding_argument, profile_from_args
 from tfmem.zoo import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from tfmem.estimate.plan import Candidate
 
 
 def add_parser(subparsers) -> None:
@@ -27,6 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, required=True, help="effective batch size, kept by every recipe")
     p.add_argument("--seq-len", type=int, help="tokens per sample (required without --dataset; with it, where rows are truncated)")
     add_dataset_argument(p)
+    add_padding_argument(p)
     p.add_argument("--budget", help="memory available, e.g. 8GiB; default the --gpu's memory")
     p.add_argument("--overhead", default=None, help="memory outside PyTorch's allocator (CUDA context); default 0.5GiB on CUDA, 0 on CPU")
     p.add_argument("--allow-freeze", type=int, default=0, metavar="N",
@@ -46,6 +52,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tfmem.estimate.plan import plan
+    from tfmem.estimate.speed import speed_note
+    from tfmem.profiler.units import SizeError, format_bytes, parse_bytes
+
     try:
         profile = profile_from_args(args)
         if args.budget is None and profile.memory_bytes is None:
@@ -78,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--seq-len is required (or --dataset FILE to plan for a dataset's lengths).")
         result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
                       allow_optimizer=[n.strip() for n in args.allow_optimizer.split(",") if n.strip()],
-                      overhead_bytes=overhead, keep=max(args.keep, args.measure or 0))
+                      overhead_bytes=overhead, keep=max(args.keep, args.measure or 0), padded=not args.no_padding)
     except SizeError as e:
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)}.[/]" + (
             f" Closest: {c.recipe.summary()} (micro-batch {c.estimate.micro_batch_size}) needs "
             f"{format_bytes(c.needed_bytes)}, {format_bytes(-c.headroom_bytes)} over. Try a shorter --seq-len, "
-            f"a smaller --batch-size" + ("" if args.allow_freeze else ", --allow-freeze N")
+            f"a smaller --batch-size" + ("" if args.allow_freeze else ", --allow-freeze N") + _optimizer_hint(args, profile, result)
             + (", or a larger --budget if the machine has the memory." if profile.type == "cpu" else ", or a larger GPU.")
             if c else ""))
         return 1
@@ -155,7 +165,27 @@ def run(args: argparse.Namespace) -> int:
 
 def headroom_text(c: Candidate) -> str:
     """The headroom as the table and the chosen line print it (one function, so they cannot disagree)."""
+    from tfmem.profiler.units import format_bytes
+
     return format_bytes(c.headroom_bytes)
+
+
+def _optimizer_hint(args: argparse.Namespace, profile, result) -> str:
+    """", --allow-optimizer adamw-8bit (predicted to fit: ...)" when nothing fits, the user did not allow a
+    lighter optimizer, and one would make the closest recipe fit; "" otherwise (a few seconds: one
+    estimate per optimizer)."""
+    from tfmem.estimate.plan import with_lighter_optimizers
+    from tfmem.profiler.units import format_bytes
+
+    if args.allow_optimizer.strip():
+        return ""
+    fits = [c for c in with_lighter_optimizers(args.model, result, profile) if c.fits]
+    if not fits:
+        return ""
+    names = ",".join(c.recipe.optimizer.name for c in fits)
+    best = fits[0]
+    return (f", --allow-optimizer {names} (changes what is learned; {best.recipe.summary()} is predicted to need "
+            f"{format_bytes(best.needed_bytes)})")
 
 
 def _positive(flag: str, name: str, value: int) -> str | None:
@@ -186,6 +216,8 @@ def _output_problem(path: str | None) -> str | None:
 
 
 def _print_measured(console: Console, measured, budget_bytes: int) -> None:
+    from tfmem.profiler.units import format_bytes
+
     table = Table(title="Measured on this GPU, fastest first (re-ranked)")
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("recipe")
@@ -210,6 +242,8 @@ def _ms(seconds: float | None) -> str:
 
 
 def _row(table: Table, rank: str, c: Candidate, cuda: bool, style: str | None = None) -> None:
+    from tfmem.profiler.units import format_bytes
+
     table.add_row(rank, c.recipe.summary(), str(c.estimate.micro_batch_size), format_bytes(c.estimate.peak_bytes),
                   format_bytes(c.estimate.reserved_bytes), headroom_text(c), f"{c.relative_time:.2f}",
                   *((_ms(c.step_seconds),) if cuda else ()), style=style)

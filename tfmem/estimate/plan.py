@@ -147,6 +147,7 @@ class Plan:
     estimates_run: int
     seconds: float
     speed_note: str = field(default=SPEED_NOTE)
+    padded: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,6 +165,7 @@ class Plan:
             "estimates_run": self.estimates_run,
             "seconds": round(self.seconds, 2),
             "speed_note": self.speed_note,
+            "padded": self.padded,
         }
 
 
@@ -225,6 +227,7 @@ def plan(
     verify: bool = True,
     keep: int = 1,
     num_labels: int = 2,
+    padded: bool = True,
 ) -> Plan:
     """Find the fastest recipe that trains `batch_size` x `seq_len` within `budget_bytes`.
 
@@ -242,6 +245,9 @@ def plan(
             extrapolation's error (`verify_margin`); False never does.
         keep: stop searching once this many recipes fit (at most one per combination of techniques);
             the fastest is always among them. Each more costs estimates (about a second for bert-large).
+        padded: batches padded to `seq_len` (default; an attention mask with zeros); False: every sample
+            fills `seq_len`, the mask is all ones and transformers drops it (see `estimate_memory`).
+            Every estimate of the plan, the full-depth confirmation included, uses it.
 
     Raises:
         ValueError: bad sizes, `allow_freeze` above the model's depth, unknown model or device.
@@ -270,7 +276,7 @@ def plan(
         key = (steps, point.precision, point.checkpointing, point.frozen, point.optimizer, exact)
         if key not in estimates:
             est = estimate_memory(target, recipe, batch_size, seq_len, profile, extrapolate_depth=not exact,
-                                  num_labels=num_labels)
+                                  num_labels=num_labels, padded=padded)
             estimates[key] = _named(est, name)
         est = replace(estimates[key], recipe=recipe.name)
         needed = (est.reserved_bytes if est.reserved_bytes is not None else est.peak_bytes) + overhead_bytes
@@ -320,7 +326,39 @@ def plan(
     not_fitting = sorted([*lowest.values(), *failed], key=lambda c: c.needed_bytes)
     closest = None if chosen else (not_fitting[0] if not_fitting else None)
     return Plan(name, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting, not_fitting,
-                chosen, chosen_estimate, closest, len(estimates), time.perf_counter() - t0)
+                chosen, chosen_estimate, closest, len(estimates), time.perf_counter() - t0, padded=padded)
+
+
+def with_lighter_optimizers(
+    model_or_config: Any,
+    result: Plan,
+    profile: DeviceProfile,
+    optimizers: Sequence[str] = ("adamw-8bit", "adafactor"),
+    *,
+    num_labels: int = 2,
+) -> list[Candidate]:
+    """When nothing fits: the closest candidate's techniques with each lighter optimizer, one estimate each.
+
+    What `allow_optimizer` (`--allow-optimizer`) would gain, checked cheaply: the closest candidate is the
+    lowest-memory recipe tried, and a lighter optimizer changes only the optimizer state, so if it fits
+    with neither optimizer, a full search with them would rarely find more. Returns the candidates in the
+    order of `optimizers` (each with `fits`); an empty list when the plan has a choice or no closest.
+    """
+    c = result.closest
+    if result.chosen is not None or c is None:
+        return []
+    config, model_class, name = model_config_of(model_or_config, num_labels)
+    target = config if model_class is None else model_or_config
+    out = []
+    for optimizer in _lighter_optimizers(optimizers):
+        recipe = c.recipe.replace(optimizer=optimizer)
+        est = _named(estimate_memory(target, recipe, result.batch_size, result.seq_len, profile, extrapolate_depth=True,
+                                     num_labels=num_labels, padded=result.padded), name)
+        needed = (est.reserved_bytes if est.reserved_bytes is not None else est.peak_bytes) + result.overhead_bytes
+        point = replace(c.point, optimizer=optimizer) if c.point else None
+        out.append(Candidate(recipe, est, needed, result.budget_bytes - needed, c.relative_time, c.tf32, c.step_seconds,
+                             point))
+    return out
 
 
 def _named(est: MemoryEstimate, name: str) -> MemoryEstimate:
