@@ -104,6 +104,22 @@ def test_a_command_after_global_options_is_found(capsys):
     assert "low-memory" in capsys.readouterr().out
 
 
+def test_plan_help_imports_neither_torch_nor_transformers():
+    """`tfmem plan --help` lists its options (--no-padding, --allow-optimizer, the GPU table) without the
+    planner: importing torch and transformers is most of the command's start-up (about 4 CPU s)."""
+    code = (
+        "import sys\nfrom tfmem.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "plan", "--help"], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", COLUMNS="1000"),
+                            cwd=REPO, timeout=120)
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+    assert "usage: tfmem plan" in result.stdout
+    assert "--no-padding" in result.stdout and "--allow-optimizer" in result.stdout and "t4" in result.stdout
+
+
 # -- a reader that closes the pipe early -------------------------------------------------------------------
 
 def run_into_closed_pipe(*argv: str) -> subprocess.CompletedProcess:
