@@ -348,12 +348,12 @@ def test_measure_loop_trains_a_planned_recipe():
 # --- issue 9: plan CLI -------------------------------------------------------------------------------------
 
 def _no_planning(monkeypatch):
-    import tfmem.cli.plan as cli_plan
+    import tfmem.estimate.plan as plan_module  # cli/plan.py imports the planner when it runs
 
     def fail(*args, **kwargs):
         raise AssertionError("planned before refusing")
 
-    monkeypatch.setattr(cli_plan, "plan", fail)
+    monkeypatch.setattr(plan_module, "plan", fail)
 
 
 def test_output_into_a_directory_is_refused_before_planning(tmp_path, capsys, monkeypatch):
