@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -107,8 +108,10 @@ def test_a_planned_tf32_recipe_is_written_and_loads(tmp_path, capsys):
 
 # -- --allow-optimizer hint --------------------------------------------------------------------------------
 
-def _budget_only_a_lighter_optimizer_fits(device) -> int:
-    """A budget below every AdamW recipe's need, above the closest one's need with Adafactor."""
+@functools.cache
+def _budget_only_a_lighter_optimizer_fits(device_type: str = "cpu") -> int:
+    """A budget below every AdamW recipe's need, above the closest one's need with Adafactor (CPU)."""
+    device = device_profile(device_type)
     tight = plan("bert-tiny", 8, 128, 1, device, verify=False)
     lighter = with_lighter_optimizers("bert-tiny", tight, device)
     assert [c.recipe.optimizer.name for c in lighter] == ["adamw-8bit", "adafactor"]
@@ -118,7 +121,7 @@ def _budget_only_a_lighter_optimizer_fits(device) -> int:
 
 
 def test_nothing_fits_names_allow_optimizer_when_a_lighter_optimizer_would_fit(capsys):
-    budget = _budget_only_a_lighter_optimizer_fits(device_profile("cpu"))
+    budget = _budget_only_a_lighter_optimizer_fits()
     args = ["plan", *TINY, "--device", "cpu", "--budget", str(budget)]
     assert main(args) == 1
     out = " ".join(capsys.readouterr().out.split())
@@ -134,14 +137,14 @@ def test_nothing_fits_names_allow_optimizer_when_a_lighter_optimizer_would_fit(c
 def test_no_optimizer_hint_when_the_flag_was_given_or_nothing_would_fit(capsys):
     assert main(["plan", *TINY, "--device", "cpu", "--budget", "1MiB"]) == 1
     assert "--allow-optimizer" not in capsys.readouterr().out  # even Adafactor does not fit in 1 MiB
-    budget = _budget_only_a_lighter_optimizer_fits(device_profile("cpu"))
+    budget = _budget_only_a_lighter_optimizer_fits()
     # --allow-optimizer given (here only AdamW): the user has chosen, no hint to pass the flag again.
     rc = main(["plan", *TINY, "--device", "cpu", "--budget", str(budget), "--allow-optimizer", "adamw"])
     assert rc == 1 and "--allow-optimizer" not in capsys.readouterr().out
 
 
 def test_json_plan_names_a_lighter_optimizer_in_the_recipe(capsys):
-    budget = _budget_only_a_lighter_optimizer_fits(device_profile("cpu"))
+    budget = _budget_only_a_lighter_optimizer_fits()
     assert main(["plan", *TINY, "--device", "cpu", "--budget", str(budget), "--allow-optimizer", "adafactor",
                  "--json"]) == 0
     chosen = json.loads(capsys.readouterr().out)["chosen"]
