@@ -47,21 +47,30 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None) -> dict[str, Any]:
+def accelerator_kwargs(
+    recipe: Recipe, device: torch.device | str | None = None, fsdp_plugin: Any = None
+) -> dict[str, Any]:
     """`Accelerator` keyword arguments for `recipe`, after checking its precision, TF32 and optimizer against the device.
 
     Args:
         recipe: the recipe.
         device: where training runs; default what accelerate picks (CUDA when present).
+        fsdp_plugin: an accelerate `FullyShardedDataParallelPlugin` to shard with; the kwargs then carry a
+            copy adjusted for the recipe (see `tfmem.adapters.fsdp`).
 
     Raises:
         RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0),
-            TF32 is asked for without TF32 tensor cores, or adamw-8bit cannot run there.
+            TF32 is asked for without TF32 tensor cores, adamw-8bit cannot run there, or the recipe cannot
+            apply under the FSDP plugin.
     """
     device = torch.device(device) if device is not None else default_device()
     problems = precision_problems(recipe.mixed_precision, device)
     problems += tf32_problems(recipe.tf32.enabled, device)
     problems += optimizer_problems(recipe.optimizer, device)
+    if fsdp_plugin is not None:
+        from tfmem.adapters import fsdp
+
+        problems += fsdp.plugin_problems(recipe, fsdp_plugin)
     if problems:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit device {device}")
     kwargs: dict[str, Any] = {
@@ -70,6 +79,10 @@ def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None)
     }
     if device.type == "cpu" and torch.cuda.is_available():
         kwargs["cpu"] = True
+    if fsdp_plugin is not None:
+        from tfmem.adapters import fsdp
+
+        kwargs = fsdp.accelerator_kwargs(recipe, fsdp_plugin, kwargs, device)
     return kwargs
 
 

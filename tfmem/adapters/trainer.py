@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from tfmem.adapters import fsdp
 from tfmem.errors import RecipeError
 from tfmem.log import announce
 from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
@@ -115,6 +116,7 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
     problems += precision_problems(recipe.mixed_precision, args.device)
     problems += tf32_problems(recipe.tf32.enabled, args.device)
     problems += optimizer_problems(recipe.optimizer, args.device)
+    problems += fsdp.argument_problems(recipe, args)
     return problems
 
 
@@ -169,7 +171,9 @@ def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
         changes["per_device_train_batch_size"] = micro_batch_size(
             args.per_device_train_batch_size, recipe.gradient_accumulation_steps
         )
+    changes.update(fsdp.argument_changes(recipe, args))  # FSDP: one checkpoint per layer; bf16 by policy
     new = dataclasses.replace(args, **changes)
+    fsdp.finish_arguments(recipe, new)
     setattr(new, _APPLIED, recipe.name)
     return new
 
