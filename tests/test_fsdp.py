@@ -39,7 +39,8 @@ def _accelerate_worker(out_path: str, strategy: str) -> None:
     recipe = Recipe.from_dict(RECIPE)
     # The user asks FSDP for activation checkpointing too: tfmem must keep one checkpoint per layer.
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=STRATEGIES[strategy],
-                                            activation_checkpointing=True)
+                                            activation_checkpointing=True, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["BertLayer"])
     kwargs = recipe.accelerator_kwargs(device="cpu", fsdp_plugin=plugin)
     accelerator = Accelerator(**kwargs)
     force_fsdp(accelerator, kwargs["fsdp_plugin"])
@@ -119,3 +120,80 @@ def test_fsdp2_accelerate_step_equals_full_batch_step(tmp_path, strategy):
     debug_launcher(_accelerate_worker, args=(str(out), strategy), num_processes=2)
     result = json.loads(out.read_text())
     _check(result)
+
+
+def _trainer_worker(out_path: str, tmp_dir: str) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import torch.distributed as dist
+    from _fsdp import fsdp_trainer_class, full_parameters, sgd_reference_step
+    from _grad_check import N_SAMPLES, RecordingCollator, make_model, make_samples, reference_gradient, relative_error
+    from transformers import TrainerCallback, TrainingArguments
+
+    from tfmem import Recipe
+    from tfmem.adapters.fsdp import double_checkpointed_layers
+    from tfmem.profiler.callback import MemoryProfilerCallback
+
+    torch.set_num_threads(1)
+    task = "classification"
+    model, samples = make_model(task), make_samples(task)
+    initial = make_model(task)
+    rows = [{k: samples[k][i] for k in samples} for i in range(N_SAMPLES)]
+    args = TrainingArguments(
+        output_dir=tmp_dir, per_device_train_batch_size=6, max_steps=2, learning_rate=LR, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0, remove_unused_columns=False, fsdp=True, fsdp_config={"version": 2, "activation_checkpointing": True},
+    )
+    collator = RecordingCollator()
+    trainer = fsdp_trainer_class()(model=model, args=args, train_dataset=rows, data_collator=collator)
+    Recipe.from_dict(RECIPE).apply(trainer)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    class Snapshots(TrainerCallback):
+        def __init__(self):
+            self.weights = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.weights.append(full_parameters(model))  # a collective: every rank runs this callback
+
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    MemoryProfilerCallback.attach(trainer, memory_steps=1, warmup_steps=0)
+    trainer.train()
+    everyone: list = [None, None]
+    dist.all_gather_object(everyone, collator.micro_batches)
+    reference, before, errors = initial, full_parameters(initial), []
+    for step, after in enumerate(snapshots.weights):
+        window = [i for rank in everyone for mb in rank[2 * step: 2 * step + 2] for i in mb]
+        want = {n: g for n, g in reference_gradient(reference, samples, window).items() if n in trainable}
+        errors.append(relative_error({n: after[n] - before[n] for n in trainable}, {n: -LR * g for n, g in want.items()}))
+        reference, before = sgd_reference_step(reference, want, LR), after
+    final = snapshots.weights[-1]
+    peaks = [row for row in trainer.state.log_history if "tfmem/rank1/peak_allocated_bytes" in row]
+    result = {
+        "errors": errors,
+        "processes": trainer.args.world_size,
+        "sharded": trainer.is_fsdp_enabled and type(trainer.model_wrapped).__name__.startswith("FSDP"),
+        "frozen_identical": all(torch.equal(final[n], t) for n, t in frozen_before.items()),
+        "n_frozen": len(frozen_before),
+        "grads_only_trainable": True,
+        "double_checkpointed": double_checkpointed_layers(trainer.model_wrapped),
+        "optimizer_params": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
+        "n_trainable": len(trainable),
+        "metrics": {k: v for k, v in (peaks[-1] if peaks else {}).items() if "peak" in k},
+        "fsdp_activation_checkpointing": trainer.accelerator.state.fsdp_plugin.activation_checkpointing,
+    }
+    if trainer.accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+@pytest.mark.slow
+def test_fsdp2_trainer_step_equals_full_batch_step(tmp_path):
+    out = tmp_path / "result.json"
+    debug_launcher(_trainer_worker, args=(str(out), str(tmp_path / "run")), num_processes=2)
+    result = json.loads(out.read_text())
+    _check(result)
+    assert result["fsdp_activation_checkpointing"] is False  # tfmem's checkpoint, not FSDP's too

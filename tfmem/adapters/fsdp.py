@@ -213,6 +213,32 @@ def finish_arguments(recipe: Recipe, args: TrainingArguments) -> None:
         args.fsdp_plugin_args["mixed_precision_policy"] = policy
 
 
+def wrap_layers(args: TrainingArguments, model: torch.nn.Module) -> None:
+    """Shard each of the model's layers as a unit when `args` ask for transformer-based wrapping without naming
+    the layer class.
+
+    The Trainer then takes the classes from the model (`_no_split_modules`), which for BERT includes
+    `BertEmbeddings`; accelerate also carves the input embeddings into a unit of their own, and
+    `fully_shard` on a module whose parameters are already sharded fails. tfmem knows the layers
+    (`find_backbone`), so it names their class.
+    """
+    if not uses_fsdp(args):
+        return
+    plugin_args = args.fsdp_plugin_args
+    if plugin_args.get("transformer_cls_names_to_wrap") or "transformer" not in str(plugin_args.get("auto_wrap_policy", "")).lower():
+        return
+    from tfmem.errors import UnsupportedModelError
+    from tfmem.techniques.architecture import find_backbone
+
+    try:
+        layers = find_backbone(model).layers
+    except UnsupportedModelError:
+        return  # the Trainer's own choice stands
+    names = sorted({type(layer).__name__ for layer in layers})
+    plugin_args["transformer_cls_names_to_wrap"] = ",".join(names)
+    logger.info("tfmem: FSDP units: each %s (and the embeddings, and the rest of the model)", "/".join(names))
+
+
 # -- checks on a prepared model ------------------------------------------------------------------------
 
 

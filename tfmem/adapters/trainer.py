@@ -33,6 +33,7 @@ from tfmem.errors import RecipeError
 from tfmem.log import announce
 from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
 from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
+from tfmem.techniques._modules import unwrap_model
 from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.optimizer import optimizer_problems, trainer_optim, trainer_optim_problems
 from tfmem.techniques.precision import precision_problems
@@ -252,6 +253,7 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot be applied to this Trainer")
 
     trainer.args = _with_recipe(recipe, trainer.args)
+    fsdp.wrap_layers(trainer.args, unwrap_model(trainer.model))
     # The Trainer read these at construction; the recipe changes them, so they are rebuilt the way
     # `Trainer.__init__` builds them (accelerator: mixed precision and GradScaler; batch size: the loader).
     # Always rebuild the accelerator: building TrainingArguments resets accelerate's process-wide state.
