@@ -18,8 +18,21 @@ def force_fsdp(accelerator, plugin) -> None:
     """Make `accelerator` (built on CPU) take its FSDP path with `plugin`."""
     from accelerate.utils import DistributedType
 
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
+    def select() -> None:
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+
+    select()
+    # `prepare` rebuilds the process state, which puts MULTI_CPU back; without selecting FSDP again
+    # `accumulate` would not turn gradient sync off (`set_requires_gradient_sync`) between micro-batches.
+    prepare = accelerator.prepare
+
+    def prepare_then_select(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        select()
+        return out
+
+    accelerator.prepare = prepare_then_select
 
 
 def fsdp_trainer_class():

@@ -8,8 +8,8 @@ Two things FSDP2 does that `LiveBytes` cannot see through operators alone:
 - A unit's gathered parameters live in buffers that FSDP2 allocates and frees by resizing their storage
   (`untyped_storage().resize_(n)` / `resize_(0)`), which is not an operator. The growth is seen by the
   first operator that writes into the buffer (the all-gather copy-out); the free would not be seen at all,
-  so the tracker re-reads those buffers' sizes right after each unit reshards (`_to_sharded`,
-  `_to_sharded_post_forward`).
+  so the tracker re-reads those buffers' sizes right after each unit gathers (`wait_for_unshard`) and
+  reshards (`_to_sharded`, `_to_sharded_post_forward`).
 
 FSDP2 also stores each reduced, sharded gradient with `param.grad = ...` (no post-accumulate-grad hook
 fires), so after each unit's `post_backward` the tracker learns its gradients' role.
@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-_RESHARD = ("_to_sharded", "_to_sharded_post_forward")
+# After these, a unit's gathered buffers have a new size: allocated (the copy-out writes into them, which a
+# tracker that watches operator inputs sees at once; one that does not learns it here) or freed.
+_RESHARD = ("wait_for_unshard", "_to_sharded", "_to_sharded_post_forward")
 _GRADS = ("post_backward", "finalize_backward")
 
 
