@@ -53,7 +53,7 @@ def _accelerate_worker(out_path: str, strategy: str) -> None:
     loader = torch.utils.data.DataLoader(rows, batch_size=3, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     profiler = Profiler(model, optimizer, memory_steps=1, warmup_steps=0)
-    errors, seen, grads_seen = [], [], set()
+    errors, seen, grads_seen, early_sync = [], [], set(), []
     windows = iter(tfmem.accumulation_windows(loader, accelerator, model))
     done = False
     while not done:
@@ -63,6 +63,8 @@ def _accelerate_worker(out_path: str, strategy: str) -> None:
                 with accelerator.accumulate(model):
                     outputs = model(**window.batch)
                     accelerator.backward(tfmem.exact_loss(model, outputs, window, accelerator))
+                    if not accelerator.sync_gradients:  # no reduce-scatter yet: sharded grads still unset
+                        early_sync.append(any(p.grad is not None for p in model.parameters()))
                     if accelerator.sync_gradients:
                         before = full_parameters(model)
                         grads_seen |= {n for n, p in model.named_parameters() if p.grad is not None}
@@ -90,6 +92,7 @@ def _accelerate_worker(out_path: str, strategy: str) -> None:
         "frozen_identical": all(torch.equal(after[n], t) for n, t in frozen_before.items()),
         "n_frozen": len(frozen_before),
         "grads_only_trainable": grads_seen == trainable,
+        "early_sync": early_sync,
         "double_checkpointed": double_checkpointed_layers(model),
         "optimizer_params": sum(len(g["params"]) for g in optimizer.param_groups),
         "n_trainable": len(trainable),
@@ -147,6 +150,8 @@ def test_fsdp2_accelerate_step_equals_full_batch_step(tmp_path):
     debug_launcher(_accelerate_worker, args=(str(out), "fsdp"), num_processes=2)
     result = json.loads(out.read_text())
     _check(result)
+    # accumulate turned gradient sync off between micro-batches (FSDP2's `set_requires_gradient_sync`)
+    assert result["early_sync"] and not any(result["early_sync"]), result["early_sync"]
     # bf16 by FSDP's policy: computed in bf16, fp32 shards and gradients (reduced in fp32).
     assert result["bf16"] == {"logits_dtype": "torch.bfloat16", "shard_dtypes": ["torch.float32"],
                               "grad_dtypes": ["torch.float32"], "finite": True}, result["bf16"]
