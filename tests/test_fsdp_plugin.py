@@ -86,3 +86,12 @@ def test_trainer_layers_named_for_wrapping(tmp_path):
                                                      intermediate_size=64, vocab_size=100))
     fsdp.wrap_layers(args, model)
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "BertLayer"
+
+
+def test_accelerate_launch_use_fsdp_is_picked_up(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    kwargs = CHECKPOINTED.accelerator_kwargs(device="cpu")
+    assert kwargs["fsdp_plugin"].fsdp_version == 2
+    assert kwargs["fsdp_plugin"].activation_checkpointing is False

@@ -56,20 +56,23 @@ def accelerator_kwargs(
         recipe: the recipe.
         device: where training runs; default what accelerate picks (CUDA when present).
         fsdp_plugin: an accelerate `FullyShardedDataParallelPlugin` to shard with; the kwargs then carry a
-            copy adjusted for the recipe (see `tfmem.adapters.fsdp`).
+            copy adjusted for the recipe (see `tfmem.adapters.fsdp`). Under `accelerate launch --use_fsdp`
+            the launcher's plugin is read from the environment when none is given.
 
     Raises:
         RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0),
             TF32 is asked for without TF32 tensor cores, adamw-8bit cannot run there, or the recipe cannot
             apply under the FSDP plugin.
     """
+    from tfmem.adapters import fsdp
+
     device = torch.device(device) if device is not None else default_device()
     problems = precision_problems(recipe.mixed_precision, device)
     problems += tf32_problems(recipe.tf32.enabled, device)
     problems += optimizer_problems(recipe.optimizer, device)
+    if fsdp_plugin is None:
+        fsdp_plugin = fsdp.plugin_from_launch()  # `accelerate launch --use_fsdp`
     if fsdp_plugin is not None:
-        from tfmem.adapters import fsdp
-
         problems += fsdp.plugin_problems(recipe, fsdp_plugin)
     if problems:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit device {device}")
@@ -80,8 +83,6 @@ def accelerator_kwargs(
     if device.type == "cpu" and torch.cuda.is_available():
         kwargs["cpu"] = True
     if fsdp_plugin is not None:
-        from tfmem.adapters import fsdp
-
         kwargs = fsdp.accelerator_kwargs(recipe, fsdp_plugin, kwargs, device)
     return kwargs
 

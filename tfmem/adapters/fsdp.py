@@ -154,6 +154,21 @@ def plugin_for_recipe(recipe: Recipe, plugin: Any) -> Any:
     return plugin
 
 
+def plugin_from_launch() -> Any:
+    """The FSDP plugin `accelerate launch --use_fsdp ...` configured (through the environment), or None.
+
+    Without it tfmem would not see the sharding and accelerate would build the plugin itself, with its
+    own checkpointing and autocast on top; reading it here lets the recipe's choices apply.
+    """
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
+
+
 def accelerator_kwargs(recipe: Recipe, plugin: Any, kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """`Accelerator` keyword arguments for `recipe` under FSDP `plugin`, from the plain ones in `kwargs`.
 
@@ -274,6 +289,7 @@ __all__ = [
     "double_checkpointed_layers",
     "finish_arguments",
     "is_sharded",
+    "plugin_from_launch",
     "mixed_precision_policy",
     "plugin_for_recipe",
     "plugin_problems",
