@@ -16,8 +16,18 @@ import torch
 from accelerate.launchers import debug_launcher
 
 
-def _worker(out_path: str, reshard: bool) -> None:
+def _worker(out_path: str) -> None:
     import torch.distributed as dist
+
+    results = {strategy: _run(reshard) for strategy, reshard in (("fsdp", True), ("fsdp-grad-op", False))}
+    everyone: list = [None, None]
+    dist.all_gather_object(everyone, results)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(everyone, f)
+
+
+def _run(reshard: bool) -> dict:
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
@@ -63,21 +73,16 @@ def _worker(out_path: str, reshard: bool) -> None:
                                      sharded_bytes(model) + storage_bytes(*grads, x, out, loss)
                                      + sum(gathered_bytes(g) for g in groups) + flat_buffer_bytes(model),
                                      flat_buffer_bytes(model), sum(gathered_bytes(g) for g in groups)]
-    result = {"checks": checks, "current": current, "logical_bytes": logical, "shard_bytes": sharded_bytes(model),
-              "unit_bytes": 64 * 65 * 4, "breakdown": tracker.peak_breakdown, "peak": tracker.peak_bytes}
-    everyone: list = [None, None]
-    dist.all_gather_object(everyone, result)
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(everyone, f)
+    return {"checks": checks, "current": current, "logical_bytes": logical, "shard_bytes": sharded_bytes(model),
+            "unit_bytes": 64 * 65 * 4, "breakdown": tracker.peak_breakdown, "peak": tracker.peak_bytes}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reshard", [True, False], ids=["fsdp", "fsdp-grad-op"])
-def test_live_bytes_count_local_shards_and_gathered_units_once(tmp_path, reshard):
+def test_live_bytes_count_local_shards_and_gathered_units_once(tmp_path):
     out = tmp_path / "result.json"
-    debug_launcher(_worker, args=(str(out), reshard), num_processes=2)
-    for rank in json.loads(out.read_text()):
+    debug_launcher(_worker, args=(str(out),), num_processes=2)
+    for rank, strategy in [(r[s], s) for r in json.loads(out.read_text()) for s in ("fsdp", "fsdp-grad-op")]:
+        reshard = strategy == "fsdp"
         # A DTensor counts as its local shard: half the logical size on each of 2 ranks.
         assert rank["shard_bytes"] == rank["logical_bytes"] // 2
         for name, (tracker, independent, *_) in rank["current"].items():
