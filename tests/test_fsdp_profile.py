@@ -9,7 +9,6 @@ gradients, and the input and output.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

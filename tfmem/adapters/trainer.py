@@ -32,8 +32,8 @@ from tfmem.adapters import fsdp
 from tfmem.errors import RecipeError
 from tfmem.log import announce
 from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
-from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
 from tfmem.techniques._modules import unwrap_model
+from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
 from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.optimizer import optimizer_problems, trainer_optim, trainer_optim_problems
 from tfmem.techniques.precision import precision_problems

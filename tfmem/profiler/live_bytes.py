@@ -87,9 +87,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tfmem.profiler.sharded import local_tensor, watch_fsdp
+
 # Part of this module's public API (see the docstring); they live in storages.py.
 from tfmem.profiler.storages import CpuOutOfMemoryError, storage_bytes, storage_key  # noqa: F401
-from tfmem.profiler.sharded import local_tensor, watch_fsdp
 
 logger = logging.getLogger(__name__)
 
