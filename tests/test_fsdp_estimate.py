@@ -77,7 +77,7 @@ def test_only_sharding_makes_it_fit(tiny_model_dir, capsys):
             "--budget", "300KiB"]
     assert main(args) == 1
     out = capsys.readouterr().out
-    assert "Nothing fits" in out and "More GPUs would: on 2 GPUs" in out and "tfmem plan --gpus 2" in out
+    assert "Nothing fits" in out and "More processes would: on 2 processes" in out and "tfmem plan --gpus 2" in out
     assert main([*args, "--gpus", "4"]) == 0
     out = capsys.readouterr().out
     assert "Chosen: fsdp" in out and "accelerate launch --num_processes 4 --use_fsdp" in out

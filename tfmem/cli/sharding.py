@@ -97,13 +97,14 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
 def suggest_gpus(console: Console, args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> None:
     """After a single-GPU plan found nothing: say how many GPUs (sharded with FSDP) would fit."""
     result = gpus_needed(args.model, args.batch_size, args.seq_len, budget, profile, overhead_bytes=overhead)
+    unit = "GPUs" if profile.type == "cuda" else "processes"  # a CPU run is sharded over processes
     if result is None or result.chosen is None:
-        console.print("Sharding does not rescue it either: no recipe fits under FSDP on 2, 4 or 8 GPUs of this size.")
+        console.print(f"Sharding does not rescue it either: no recipe fits under FSDP on 2, 4 or 8 {unit} of this size.")
         return
     c = result.chosen
-    console.print(f"[bold]More GPUs would:[/] on {result.gpus} GPUs of this size, [bold]{c.strategy}[/] with "
-                  f"{c.recipe.summary()} needs {format_bytes(c.estimate.peak_bytes)} per GPU "
-                  f"(see `tfmem plan --gpus {result.gpus}`).")
+    console.print(f"[bold]More {unit} would:[/] on {result.gpus} {unit} of this size, [bold]{c.strategy}[/] with "
+                  f"{c.recipe.summary()} needs {format_bytes(c.estimate.peak_bytes)} per "
+                  f"{unit[:-1] if unit == 'GPUs' else 'process'} (see `tfmem plan --gpus {result.gpus}`).")
 
 
 def _launch_hint(strategy: str, gpus: int) -> str:

@@ -366,6 +366,7 @@ def plan_sharded(
     *,
     overhead_bytes: int = 0,
     strategies: tuple[str, ...] = STRATEGIES,
+    quick: bool = False,
     num_labels: int = 2,
 ) -> ShardedPlan:
     """The fastest (strategy, recipe) whose per-GPU peak fits `budget_bytes` on each of `gpus` GPUs.
@@ -374,7 +375,9 @@ def plan_sharded(
     micro-batches by the recipe's accumulation. Searches precision (fp32 and the device's 16-bit mode;
     fp16 is not offered under FSDP), checkpointing and accumulation for each strategy, estimating
     2- and 3-layer copies and extrapolating to the full depth (per-rank bytes are affine in the number of
-    layers); the chosen one is re-estimated at full depth. Freezing is not searched here.
+    layers); the chosen one is re-estimated at full depth. Freezing is not searched here. `quick` tries
+    only the lowest-memory recipes (checkpointing and 16-bit where the device has it, no accumulation and
+    the most), to answer "does it fit at all?".
 
     Raises:
         ValueError / RecipeError: as for `estimate_sharded`.
@@ -422,12 +425,15 @@ def plan_sharded(
     hopeless: set[tuple[str, bool]] = set()
     for strategy in order:
         precisions = ["no", *[m for m in sixteen if not (strategy != "ddp" and m == "fp16")]]
+        if quick:
+            precisions = precisions[-1:]
         for precision in precisions:
-            for checkpointing in (False, True):
+            for checkpointing in (True,) if quick else (False, True):
                 if (precision, checkpointing) in hopeless:
                     continue
                 found = False
-                for i, steps in enumerate([steps_options[0], *steps_options[1:][::-1][:1], *steps_options[1:-1]]):
+                middle = [] if quick else steps_options[1:-1]
+                for steps in [steps_options[0], *steps_options[1:][::-1][:1], *middle]:
                     c = candidate(strategy, planned_recipe(name, batch_size, seq_len, steps, checkpointing, precision, 0))
                     tried.append(c)
                     if c.fits:
@@ -459,12 +465,15 @@ def gpus_needed(
     options: tuple[int, ...] = (2, 4, 8),
     num_labels: int = 2,
 ) -> ShardedPlan | None:
-    """The plan on the fewest GPUs (of `options`, dividing the batch) on which some strategy fits; None if none."""
+    """The fewest GPUs (of `options`, dividing the batch) on which FSDP with its lowest-memory recipes fits.
+
+    Returns that quick plan (`plan_sharded(..., quick=True)`), or None when none of the options fits.
+    """
     for gpus in options:
         if batch_size % gpus:
             continue
         result = plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus, device,
-                              overhead_bytes=overhead_bytes, strategies=("fsdp",), num_labels=num_labels)
+                              overhead_bytes=overhead_bytes, strategies=("fsdp",), quick=True, num_labels=num_labels)
         if result.chosen is not None:
             return result
     return None
