@@ -47,10 +47,12 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def param_groups(model: nn.Module) -> list[Any]:
     """Every FSDP2 parameter group in `model` (empty when it is not sharded)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a build without torch.distributed
-        return []
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return []  # nothing can be sharded without a process group; skip importing FSDP
+    from torch.distributed.fsdp import FSDPModule
+
     groups = []
     for module in model.modules():
         if isinstance(module, FSDPModule):
