@@ -8,6 +8,7 @@ gradients, and the input and output.
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -46,6 +47,7 @@ def _run(reshard: bool) -> dict:
     checks, current = [], {}
 
     def pre_hook(module, args):
+        gc.collect()  # tensors in unreachable cycles are live to the tracker until collected
         gathered = sum(gathered_bytes(g) for g in groups)
         flat = flat_buffer_bytes(model)
         expected = sharded_bytes(model) + gathered + flat + storage_bytes(x, args[0])
@@ -53,12 +55,14 @@ def _run(reshard: bool) -> dict:
 
     # Registered after fully_shard: runs after FSDP's own pre-forward hook (the unit is gathered).
     handles = [layer.register_forward_pre_hook(pre_hook) for layer in model]
+    gc.collect()
     tracker = LiveBytes()
     tracker.track(model, x)
     with tracker:
         current["start"] = [tracker.current_bytes, sharded_bytes(model) + storage_bytes(x)]
         with torch.no_grad():
             out = model(x)
+        gc.collect()
         current["after_forward"] = [tracker.current_bytes,
                                     sharded_bytes(model) + sum(gathered_bytes(g) for g in groups) + storage_bytes(x, out)]
         del out
@@ -68,6 +72,7 @@ def _run(reshard: bool) -> dict:
         loss = out.square().sum()
         loss.backward()
         grads = [local_tensor(p.grad) for p in model.parameters()]
+        gc.collect()
         current["after_backward"] = [tracker.current_bytes,
                                      sharded_bytes(model) + storage_bytes(*grads, x, out, loss)
                                      + sum(gathered_bytes(g) for g in groups) + flat_buffer_bytes(model),
