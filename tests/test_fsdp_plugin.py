@@ -95,3 +95,22 @@ def test_accelerate_launch_use_fsdp_is_picked_up(monkeypatch):
     kwargs = CHECKPOINTED.accelerator_kwargs(device="cpu")
     assert kwargs["fsdp_plugin"].fsdp_version == 2
     assert kwargs["fsdp_plugin"].activation_checkpointing is False
+
+
+def test_a_layer_checkpointed_by_both_is_refused_before_the_first_step():
+    from accelerate import Accelerator
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import tfmem
+
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=100))
+    CHECKPOINTED.prepare_model(model)
+    assert fsdp.checkpointing_problems(model) == []
+    # What accelerate's `fsdp2_apply_ac` does when the plugin keeps `activation_checkpointing=True`.
+    model.bert.encoder.layer[1] = checkpoint_wrapper(model.bert.encoder.layer[1])
+    assert fsdp.double_checkpointed_layers(model) == ["bert.encoder.layer.1"]
+    loader = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}]
+    with pytest.raises(RecipeError, match="checkpointed twice: `activation_checkpointing` is on"):
+        next(tfmem.accumulation_windows(loader, Accelerator(cpu=True), model))

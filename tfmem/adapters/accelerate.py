@@ -98,6 +98,10 @@ def accumulation_windows(dataloader: Iterable[Any], accelerator: Accelerator, mo
     run, the flag is held back, and it is raised again for the window's last micro-batch, so the
     optimizer steps exactly once per window.
     """
+    from tfmem.adapters import fsdp
+
+    if problems := fsdp.checkpointing_problems(model):  # before the first step, not after a slow one
+        raise RecipeError(problems, heading="The recipe's checkpointing cannot apply under this FSDP setup")
     steps = accelerator.gradient_accumulation_steps
     shifts = loss_shifts_labels(model)
     total = _length(dataloader)

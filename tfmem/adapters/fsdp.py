@@ -274,6 +274,19 @@ def double_checkpointed_layers(model: torch.nn.Module) -> list[str]:
     ]
 
 
+def checkpointing_problems(model: torch.nn.Module) -> list[str]:
+    """A problem line when FSDP's activation checkpointing and the recipe's both wrap some layer."""
+    layers = double_checkpointed_layers(model)
+    if not layers:
+        return []
+    return [
+        f"{len(layers)} layers (first: {layers[0]}) are checkpointed twice: `activation_checkpointing` is on in the "
+        "FSDP plugin and the recipe's `gradient_checkpointing` checkpoints the same layers, so each would run three "
+        "times per step. Build the Accelerator from `recipe.accelerator_kwargs(fsdp_plugin=plugin)`, which turns "
+        "FSDP's off, or pass `activation_checkpointing=False` in the plugin."
+    ]
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether `model` (or a module inside it) is sharded by FSDP2."""
     from torch.distributed.fsdp import FSDPModule
@@ -286,6 +299,7 @@ __all__ = [
     "accelerator_kwargs",
     "argument_changes",
     "argument_problems",
+    "checkpointing_problems",
     "double_checkpointed_layers",
     "finish_arguments",
     "is_sharded",
