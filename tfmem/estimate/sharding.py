@@ -383,7 +383,6 @@ def plan_sharded(
         ValueError / RecipeError: as for `estimate_sharded`.
     """
     from tfmem.estimate.fake_step import num_layers_of, with_depth
-    from tfmem.estimate.plan import _recipe as planned_recipe
     from tfmem.estimate.speed import SpeedModel
 
     t0 = time.perf_counter()
@@ -483,3 +482,19 @@ def _resized(model: Any, depth: int) -> Any:
     from tfmem.estimate.fake_step import with_depth
 
     return with_depth(model.config, depth)
+
+
+def planned_recipe(model: str, batch: int, seq_len: int, steps: int, checkpointing: bool, precision: str,
+                   frozen: int = 0) -> Recipe:
+    """A recipe the sharded planner tries, named and described as the single-GPU planner names its own."""
+    recipe = Recipe(name="planned").replace(
+        gradient_accumulation_steps=steps,
+        gradient_checkpointing=checkpointing,
+        mixed_precision=precision,
+        freeze={"embeddings": frozen > 0, "layers": frozen},
+    )
+    short = model.rsplit("/", 1)[-1]
+    return recipe.replace(
+        name=f"{short}-b{batch}-s{seq_len}",
+        description=f"planned by tfmem for {short}, batch {batch}, seq {seq_len}: {recipe.summary()}",
+    )
