@@ -468,8 +468,11 @@ def gpus_needed(
 
     Returns that quick plan (`plan_sharded(..., quick=True)`), or None when none of the options fits.
     """
+    # A bound first, so a hopeless budget costs no fake step: every rank holds at least its shard of the
+    # fp32 weights, gradients and two AdamW moments (4 x 4 bytes per parameter, nothing frozen).
+    states = 4 * trainable_bytes(model_or_config, Recipe(), num_labels)
     for gpus in options:
-        if batch_size % gpus:
+        if batch_size % gpus or states // gpus + overhead_bytes > budget_bytes:
             continue
         result = plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus, device,
                               overhead_bytes=overhead_bytes, strategies=("fsdp",), quick=True, num_labels=num_labels)
