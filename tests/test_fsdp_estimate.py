@@ -81,3 +81,10 @@ def test_only_sharding_makes_it_fit(tiny_model_dir, capsys):
     assert main([*args, "--gpus", "4"]) == 0
     out = capsys.readouterr().out
     assert "Chosen: fsdp" in out and "accelerate launch --num_processes 4 --use_fsdp" in out
+
+
+def test_the_cli_names_the_same_strategies_without_importing_the_estimator():
+    from tfmem.cli import sharding as cli
+    from tfmem.estimate import sharding
+
+    assert cli.STRATEGIES == sharding.STRATEGIES

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from tfmem.estimate.device import DeviceProfile
-from tfmem.estimate.sharding import STRATEGIES, estimate_sharded, gpus_needed, plan_sharded
-from tfmem.profiler.units import format_bytes
+if TYPE_CHECKING:
+    from tfmem.estimate.device import DeviceProfile
+
+# The estimator (torch, transformers) is imported when a command runs, not for `--help` (see cli/estimate.py).
+# Kept equal to tfmem.estimate.sharding.STRATEGIES (a test checks it).
+STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op")
 
 WHAT = {
     "ddp": "every GPU holds the whole model, gradients and optimizer state, plus DDP's gradient buckets",
@@ -36,6 +40,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
+    from tfmem.estimate.sharding import estimate_sharded
+    from tfmem.profiler.units import format_bytes
+
     est = estimate_sharded(args.model, args.recipe, args.batch_size, args.seq_len, args.gpus, args.strategy, profile)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
@@ -61,6 +68,9 @@ def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
 
 
 def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> int:
+    from tfmem.estimate.sharding import plan_sharded
+    from tfmem.profiler.units import format_bytes
+
     result = plan_sharded(args.model, args.batch_size, args.seq_len, budget, args.gpus, profile, overhead_bytes=overhead)
     if args.output and result.chosen:
         result.chosen.recipe.to_yaml(args.output)
@@ -96,6 +106,9 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
 
 def suggest_gpus(console: Console, args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> None:
     """After a single-GPU plan found nothing: say how many GPUs (sharded with FSDP) would fit."""
+    from tfmem.estimate.sharding import gpus_needed
+    from tfmem.profiler.units import format_bytes
+
     result = gpus_needed(args.model, args.batch_size, args.seq_len, budget, profile, overhead_bytes=overhead)
     unit = "GPUs" if profile.type == "cuda" else "processes"  # a CPU run is sharded over processes
     if result is None or result.chosen is None:
