@@ -127,6 +127,9 @@ def test_adapters_name_the_recipe_only_for_type_checking():
 
 
 @pytest.mark.parametrize(("one", "other"), [("tfmem.adapters.trainer", "tfmem.adapters.accelerate"),
-                                            ("tfmem.adapters.accelerate", "tfmem.adapters.trainer")])
+                                            ("tfmem.adapters.accelerate", "tfmem.adapters.trainer"),
+                                            # the FSDP helpers serve both adapters and import neither
+                                            ("tfmem.adapters.fsdp", "tfmem.adapters.trainer"),
+                                            ("tfmem.adapters.fsdp", "tfmem.adapters.accelerate")])
 def test_no_adapter_imports_another(one, other):
     assert [t for t, kind, _ in GRAPH[one] if kind != "typing" and in_layer(t, (other,))] == []

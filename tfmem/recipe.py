@@ -273,8 +273,11 @@ class Recipe:
 
         return prepare_model(model, self)
 
-    def accelerator_kwargs(self, device: torch.device | str | None = None) -> dict[str, Any]:
+    def accelerator_kwargs(self, device: torch.device | str | None = None, fsdp_plugin: Any = None) -> dict[str, Any]:
         """Keyword arguments for `accelerate.Accelerator`, checked against the device it will use.
+
+        With an accelerate `FullyShardedDataParallelPlugin` (FSDP2), the kwargs carry a copy of it adjusted
+        for the recipe (see `tfmem.adapters.fsdp`).
 
         Example:
             >>> Recipe.from_dict({"gradient_accumulation_steps": 2}).accelerator_kwargs(device="cpu")
@@ -282,7 +285,7 @@ class Recipe:
         """
         from tfmem.adapters.accelerate import accelerator_kwargs
 
-        return accelerator_kwargs(self, device=device)
+        return accelerator_kwargs(self, device=device, fsdp_plugin=fsdp_plugin)
 
     def training_arguments(self, args: TrainingArguments) -> TrainingArguments:
         """A copy of `args` that carries this recipe, for building a Trainer yourself.

@@ -47,21 +47,33 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None) -> dict[str, Any]:
+def accelerator_kwargs(
+    recipe: Recipe, device: torch.device | str | None = None, fsdp_plugin: Any = None
+) -> dict[str, Any]:
     """`Accelerator` keyword arguments for `recipe`, after checking its precision, TF32 and optimizer against the device.
 
     Args:
         recipe: the recipe.
         device: where training runs; default what accelerate picks (CUDA when present).
+        fsdp_plugin: an accelerate `FullyShardedDataParallelPlugin` to shard with; the kwargs then carry a
+            copy adjusted for the recipe (see `tfmem.adapters.fsdp`). Under `accelerate launch --use_fsdp`
+            the launcher's plugin is read from the environment when none is given.
 
     Raises:
         RecipeError: the precision is wrong for the device (fp16 on CPU, bf16 below compute capability 8.0),
-            TF32 is asked for without TF32 tensor cores, or adamw-8bit cannot run there.
+            TF32 is asked for without TF32 tensor cores, adamw-8bit cannot run there, or the recipe cannot
+            apply under the FSDP plugin.
     """
+    from tfmem.adapters import fsdp
+
     device = torch.device(device) if device is not None else default_device()
     problems = precision_problems(recipe.mixed_precision, device)
     problems += tf32_problems(recipe.tf32.enabled, device)
     problems += optimizer_problems(recipe.optimizer, device)
+    if fsdp_plugin is None:
+        fsdp_plugin = fsdp.plugin_from_launch()  # `accelerate launch --use_fsdp`
+    if fsdp_plugin is not None:
+        problems += fsdp.plugin_problems(recipe, fsdp_plugin)
     if problems:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} does not fit device {device}")
     kwargs: dict[str, Any] = {
@@ -70,6 +82,8 @@ def accelerator_kwargs(recipe: Recipe, device: torch.device | str | None = None)
     }
     if device.type == "cpu" and torch.cuda.is_available():
         kwargs["cpu"] = True
+    if fsdp_plugin is not None:
+        kwargs = fsdp.accelerator_kwargs(recipe, fsdp_plugin, kwargs, device)
     return kwargs
 
 
@@ -84,6 +98,10 @@ def accumulation_windows(dataloader: Iterable[Any], accelerator: Accelerator, mo
     run, the flag is held back, and it is raised again for the window's last micro-batch, so the
     optimizer steps exactly once per window.
     """
+    from tfmem.adapters import fsdp
+
+    if problems := fsdp.checkpointing_problems(model):  # before the first step, not after a slow one
+        raise RecipeError(problems, heading="The recipe's checkpointing cannot apply under this FSDP setup")
     steps = accelerator.gradient_accumulation_steps
     shifts = loss_shifts_labels(model)
     total = _length(dataloader)

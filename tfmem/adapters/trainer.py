@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from tfmem.adapters import fsdp
 from tfmem.errors import RecipeError
 from tfmem.log import announce
 from tfmem.prepare import Prepared, model_problems, prepare, warn_if_everything_frozen
+from tfmem.techniques._modules import unwrap_model
 from tfmem.techniques.accumulation import ExactLoss, loss_shifts_labels, micro_batch_size, supports_exact_loss
 from tfmem.techniques.micro_batch import MicroBatchSplitter
 from tfmem.techniques.optimizer import optimizer_problems, trainer_optim, trainer_optim_problems
@@ -115,6 +117,7 @@ def argument_problems(recipe: Recipe, args: TrainingArguments) -> list[str]:
     problems += precision_problems(recipe.mixed_precision, args.device)
     problems += tf32_problems(recipe.tf32.enabled, args.device)
     problems += optimizer_problems(recipe.optimizer, args.device)
+    problems += fsdp.argument_problems(recipe, args)
     return problems
 
 
@@ -169,7 +172,9 @@ def _with_recipe(recipe: Recipe, args: TrainingArguments) -> TrainingArguments:
         changes["per_device_train_batch_size"] = micro_batch_size(
             args.per_device_train_batch_size, recipe.gradient_accumulation_steps
         )
+    changes.update(fsdp.argument_changes(recipe, args))  # FSDP: one checkpoint per layer; bf16 by policy
     new = dataclasses.replace(args, **changes)
+    fsdp.finish_arguments(recipe, new)
     setattr(new, _APPLIED, recipe.name)
     return new
 
@@ -248,6 +253,7 @@ def apply_recipe(recipe: Recipe, trainer: Trainer) -> Trainer:
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot be applied to this Trainer")
 
     trainer.args = _with_recipe(recipe, trainer.args)
+    fsdp.wrap_layers(trainer.args, unwrap_model(trainer.model))
     # The Trainer read these at construction; the recipe changes them, so they are rebuilt the way
     # `Trainer.__init__` builds them (accelerator: mixed precision and GradScaler; batch size: the loader).
     # Always rebuild the accelerator: building TrainingArguments resets accelerate's process-wide state.

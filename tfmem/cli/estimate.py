@@ -13,6 +13,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from tfmem.cli import sharding
 from tfmem.cli.dataset import add_dataset_argument, estimate_with_dataset, phase_sentence
 from tfmem.estimate.device import GPUS, device_profile
 from tfmem.zoo import DEFAULT_MODEL
@@ -66,6 +67,7 @@ def add_parser(subparsers) -> None:
                    help="every sample fills --seq-len (packed or truncated text): the attention mask is all ones, "
                         "transformers drops it, and 16-bit attention runs the flash kernel. Default: batches "
                         "padded to --seq-len, as tfmem profile's are")
+    sharding.add_estimate_arguments(p)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(run=run)
 
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         profile = profile_from_args(args)
+        if getattr(args, "gpus", 1) != 1:
+            return sharding.run_estimate(args, profile)
         est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile,
                               padded=not args.no_padding)
     except ValueError as e:  # bad sizes, model or device names; RecipeError is handled by the entry point

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from tfmem.cli import sharding
 from tfmem.cli.dataset import add_dataset_argument, phase_sentence, plan_with_dataset
 from tfmem.cli.estimate import add_device_arguments, add_padding_argument, profile_from_args
 from tfmem.zoo import DEFAULT_MODEL
@@ -40,6 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-optimizer", default="", metavar="NAMES",
                    help="also try lighter optimizers, comma-separated: adamw-8bit,adafactor (change what is learned; default never)")
     add_device_arguments(p)
+    sharding.add_plan_arguments(p)
     p.add_argument("--output", "-o", metavar="PATH", help="write the chosen recipe here as YAML (loads with Recipe.from_yaml)")
     p.add_argument("--keep", type=int, default=1, metavar="N",
                    help="list the N fastest recipes that fit (default 1: the search stops at the fastest; each more "
@@ -86,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             return plan_with_dataset(args, budget, overhead, profile)
         if args.seq_len is None:
             raise ValueError("--seq-len is required (or --dataset FILE to plan for a dataset's lengths).")
+        if getattr(args, "gpus", None):
+            cuda_overhead = 512 * 2**20 if profile.type == "cuda" else 0
+            return sharding.run_plan(args, profile, budget, cuda_overhead if overhead is None else overhead)
         result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
                       allow_optimizer=[n.strip() for n in args.allow_optimizer.split(",") if n.strip()],
                       overhead_bytes=overhead, keep=max(args.keep, args.measure or 0), padded=not args.no_padding)
@@ -152,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             f"a smaller --batch-size" + ("" if args.allow_freeze else ", --allow-freeze N") + _optimizer_hint(args, profile, result)
             + (", or a larger --budget if the machine has the memory." if profile.type == "cpu" else ", or a larger GPU.")
             if c else ""))
+        sharding.suggest_gpus(console, args, profile, budget, result.overhead_bytes)
         return 1
     est = chosen.estimate
     console.print(f"Chosen: [bold]{chosen.recipe.summary()}[/], micro-batch {est.micro_batch_size}: predicted peak "

@@ -66,6 +66,9 @@ Extension points, for counting as another allocator would (the estimator's CUDA 
 Leaving the `with` block stops the accounting (finalizers are detached, so nothing keeps a reference
 to the tracker); the figures stay readable. A tracker is used for one window.
 
+Under FSDP2 (see `sharded.py`): a DTensor counts as its local shard's storage, and a unit's gathered
+parameters count from the all-gather copy-out until the unit reshards, once each.
+
 Not seen: memory that is not a tensor storage (the allocator's caches, library workspaces, Python
 objects), storages resized directly through `untyped_storage().resize_()`, and tensors made by
 threads the run starts itself (data-loader workers).
@@ -83,6 +86,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from tfmem.profiler.sharded import local_tensor, watch_fsdp
 
 # Part of this module's public API (see the docstring); they live in storages.py.
 from tfmem.profiler.storages import CpuOutOfMemoryError, storage_bytes, storage_key  # noqa: F401
@@ -202,6 +207,7 @@ class LiveBytes(TorchDispatchMode):
                         self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
                 for b in obj.buffers():
                     self._add_tensor(b, "parameters")
+                self._hooks += watch_fsdp(self._add_tensor, obj)  # FSDP2: gathered units and sharded grads
             elif isinstance(obj, torch.optim.Optimizer):
                 # accelerate (and others) wrap the optimizer; hooks belong on the one that steps.
                 while isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer):
@@ -279,6 +285,7 @@ class LiveBytes(TorchDispatchMode):
         """Count `t`'s storage if new, or its growth if resized; return the bytes added (may be negative)."""
         if self._closed:
             return 0
+        t = local_tensor(t)  # a DTensor (FSDP2 shard) holds its local shard's bytes, not its logical size
         try:
             storage = t.untyped_storage()
             nbytes = storage.nbytes()

@@ -1,0 +1,503 @@
+"""One rank's peak memory when training is spread over N GPUs: DDP, FSDP (FULL_SHARD) or FSDP SHARD_GRAD_OP.
+
+    estimate_sharded(model_or_config, recipe, batch_size, seq_len, gpus=4, strategy="fsdp") -> ShardedEstimate
+
+`batch_size` is the *global* effective batch: each rank runs batch_size / gpus samples per optimizer
+step, in micro-batches of batch_size / (gpus x gradient_accumulation_steps).
+
+- **ddp**: every rank holds the whole model, its gradients and optimizer state. The single-GPU estimate
+  at the per-rank batch, plus DDP's gradient buckets: with accelerate's default
+  `gradient_as_bucket_view=False` the reducer keeps its own flat copy of every trainable gradient
+  (fp32), the communication buffer all-reduce runs on.
+- **fsdp** / **fsdp-grad-op**: the model is sharded the way `accelerate.prepare` shards it (each encoder
+  layer a unit, the input embeddings a unit, the rest with the root) and one steady-state optimizer step
+  runs on fake tensors over a fake process group of `gpus` ranks (`torch.distributed`'s "fake" backend:
+  collectives return at once, nothing is allocated), counted by the profiler's live-bytes tracker with
+  its FSDP2 accounting (`tfmem.profiler.sharded`). So the figure includes what FSDP2 really holds:
+  this rank's shards of parameters, gradients and AdamW state (1/N each, padded); each unit's gathered
+  parameters while it computes (FULL_SHARD frees them after the unit's forward and gathers again in
+  backward; SHARD_GRAD_OP keeps every unit gathered from its forward to its backward); the flat
+  all-gather buffer, which in forward is kept until the next unit's all-gather (to overlap the two);
+  the reduce-scatter input of each unit's gradients; and, under accumulation, the *unsharded* gradients
+  FSDP2 keeps between micro-batches while gradient sync is off (accelerate turns it off): accumulation
+  does not shard gradients until the window's last backward.
+
+The fake step needs this process to have no process group of its own (run `tfmem estimate` outside the
+distributed launch). CUDA targets get the caching allocator's 512-byte rounding and the cuBLAS
+workspace, like the single-GPU estimate; sharded CUDA figures have not been checked on GPUs yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from tfmem.errors import RecipeError
+from tfmem.estimate.device import DeviceProfile, device_profile
+from tfmem.estimate.estimator import _recipe, estimate_memory, model_config_of
+from tfmem.recipe import Recipe
+from tfmem.techniques.accumulation import micro_batch_size
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op")
+
+
+@dataclass(frozen=True)
+class ShardedEstimate:
+    """The predicted peak of one rank (rank 0, whose shards are the largest when sizes do not divide).
+
+    Attributes:
+        peak_bytes: one rank's peak allocated bytes.
+        parameters_bytes: at the peak: this rank's parameter shards plus the gathered units it holds.
+        gradients_bytes, optimizer_state_bytes: at the peak (sharded under FSDP).
+        activations_bytes: everything else at the peak: activations of the per-rank micro-batch, temporaries,
+            the batch, and communication buffers (flat all-gather / reduce-scatter buffers; DDP's buckets).
+        communication_bytes: DDP's gradient buckets (counted in activations_bytes); 0 under FSDP, whose
+            buffers come and go inside the step and are counted where they are live.
+        library_workspace_bytes: cuBLAS's workspace on CUDA targets.
+        strategy, gpus: the sharding. batch_size: the global effective batch. per_rank_batch_size: samples per
+            rank per optimizer step; micro_batch_size: per forward on one rank.
+    """
+
+    peak_bytes: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_state_bytes: int
+    activations_bytes: int
+    communication_bytes: int
+    library_workspace_bytes: int
+    strategy: str
+    gpus: int
+    batch_size: int
+    per_rank_batch_size: int
+    micro_batch_size: int
+    seq_len: int
+    model: str
+    recipe: str
+    device: str
+    method: str
+    seconds: float = 0.0
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.peak_bytes <= budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def per_rank_batch(batch_size: int, gpus: int) -> int:
+    """Samples each rank runs per optimizer step.
+
+    Raises:
+        RecipeError: the global batch does not divide by the number of GPUs.
+
+    Example:
+        >>> per_rank_batch(32, 4)
+        8
+    """
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"`gpus` must be a positive whole number, got {gpus!r}.")
+    if batch_size % gpus:
+        raise RecipeError(
+            f"the batch size {batch_size} does not divide by --gpus {gpus}; each GPU runs batch / gpus samples. "
+            f"Use a batch that is a multiple of {gpus}."
+        )
+    return batch_size // gpus
+
+
+def estimate_sharded(
+    model_or_config: PreTrainedModel | PretrainedConfig | str,
+    recipe: Recipe | str | None,
+    batch_size: int,
+    seq_len: int,
+    gpus: int,
+    strategy: str = "fsdp",
+    device: DeviceProfile | str = "cuda",
+    *,
+    gpu: str | None = None,
+    num_labels: int = 2,
+) -> ShardedEstimate:
+    """Predict one rank's peak memory for a training step spread over `gpus` GPUs.
+
+    Args:
+        model_or_config, recipe, seq_len, device, gpu, num_labels: as for `estimate_memory`.
+        batch_size: the global effective batch (over all GPUs).
+        gpus: processes / GPUs.
+        strategy: "ddp", "fsdp" (FULL_SHARD) or "fsdp-grad-op" (SHARD_GRAD_OP).
+
+    Raises:
+        ValueError: an unknown strategy, or a process group already exists in this process (FSDP).
+        RecipeError: the batch does not divide by gpus x accumulation steps; the recipe cannot apply under
+            FSDP (auto_micro_batch, fp16); or it does not fit the model.
+    """
+    t0 = time.perf_counter()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` is {strategy!r}; use one of {', '.join(STRATEGIES)}.")
+    recipe = _recipe(recipe)
+    profile = device_profile(device, gpu=gpu) if gpu or not isinstance(device, DeviceProfile) else device
+    per_rank = per_rank_batch(batch_size, gpus)
+    micro = micro_batch_size(per_rank, recipe.gradient_accumulation_steps)
+    if strategy == "ddp" or gpus == 1:
+        single = estimate_memory(model_or_config, recipe, per_rank, seq_len, profile, num_labels=num_labels)
+        buckets = trainable_bytes(model_or_config, recipe, num_labels) if gpus > 1 else 0
+        return ShardedEstimate(
+            peak_bytes=single.peak_bytes + buckets,
+            parameters_bytes=single.parameters_bytes,
+            gradients_bytes=single.gradients_bytes,
+            optimizer_state_bytes=single.optimizer_state_bytes,
+            activations_bytes=single.activations_bytes + buckets,
+            communication_bytes=buckets,
+            library_workspace_bytes=single.library_workspace_bytes,
+            strategy=strategy, gpus=gpus, batch_size=batch_size, per_rank_batch_size=per_rank, micro_batch_size=micro,
+            seq_len=seq_len, model=single.model, recipe=recipe.name, device=profile.describe(),
+            method=f"single-GPU {single.method} at the per-rank batch + DDP gradient buckets",
+            seconds=time.perf_counter() - t0,
+        )
+    from tfmem.adapters.fsdp import recipe_problems
+
+    if problems := recipe_problems(recipe):
+        raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot apply under {strategy}")
+    config, model_class, model_name = model_config_of(model_or_config, num_labels)
+    peak, split = fake_sharded_step(config, model_class, recipe, micro, seq_len, gpus, strategy, profile)
+    workspace = profile.library_workspace_bytes
+    return ShardedEstimate(
+        peak_bytes=peak + workspace,
+        parameters_bytes=split["parameters"],
+        gradients_bytes=split["gradients"],
+        optimizer_state_bytes=split["optimizer_state"],
+        activations_bytes=split["activations"],
+        communication_bytes=0,
+        library_workspace_bytes=workspace,
+        strategy=strategy, gpus=gpus, batch_size=batch_size, per_rank_batch_size=per_rank, micro_batch_size=micro,
+        seq_len=seq_len, model=model_name, recipe=recipe.name, device=profile.describe(),
+        method=f"fake FSDP2 step over a fake {gpus}-rank process group",
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def trainable_bytes(model_or_config: Any, recipe: Recipe, num_labels: int = 2) -> int:
+    """Bytes of the parameters `recipe` leaves trainable (fp32): the size of DDP's gradient buckets.
+
+    Built on the meta device (no memory), with the recipe's freezing applied.
+    """
+    from tfmem.estimate.fake_step import _build
+    from tfmem.techniques.freezing import apply_freezing
+
+    config, model_class, _ = model_config_of(model_or_config, num_labels)
+    with torch.device("meta"):
+        model = _build(config, model_class, device_profile("cpu"))
+    if recipe.freeze.enabled:
+        apply_freezing(model, recipe.freeze, recipe.modules)
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            seen[id(p)] = p.numel() * 4  # gradients are fp32 (autocast keeps fp32 weights)
+    return sum(seen.values())
+
+
+def shard_like_accelerate(model: nn.Module, strategy: str, recipe: Recipe, mesh: Any) -> nn.Module:
+    """Shard `model` with `fully_shard` into the units `accelerate.prepare` makes (FSDP2), in place.
+
+    Each encoder layer is a unit; the input embeddings are a unit (unless tied to the output layer); the
+    final norm and output embeddings a unit kept gathered after forward; the rest goes with the root.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from tfmem.adapters.fsdp import STRATEGIES as RESHARD
+    from tfmem.adapters.fsdp import mixed_precision_policy
+    from tfmem.techniques.architecture import find_backbone
+
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": RESHARD[strategy]}
+    if (policy := mixed_precision_policy(recipe)) is not None:
+        kwargs["mp_policy"] = policy
+    for layer in find_backbone(model, recipe.modules).layers:
+        fully_shard(layer, **kwargs)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = inputs is not None and outputs is not None and getattr(inputs, "weight", None) is getattr(outputs, "weight", 0)
+    if inputs is not None and not tied:
+        fully_shard(inputs, **kwargs)
+    tail = [m for m in ((inputs, outputs) if tied else (outputs,)) if m is not None]
+    if tail:
+        fully_shard(tail, **{**kwargs, "reshard_after_forward": False})
+    root = {k: v for k, v in kwargs.items() if k != "reshard_after_forward"}
+    fully_shard(model, **root)
+    return model
+
+
+def fake_sharded_step(
+    config: PretrainedConfig,
+    model_class: type[nn.Module] | None,
+    recipe: Recipe,
+    micro: int,
+    seq_len: int,
+    gpus: int,
+    strategy: str,
+    profile: DeviceProfile,
+) -> tuple[int, dict[str, int]]:
+    """Peak live bytes of rank 0 and its split, over a steady-state FSDP2 step on fake tensors."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as e:  # pragma: no cover - stripped builds
+        raise ValueError(f"this PyTorch build has no fake process group ({e}); cannot estimate FSDP.") from None
+    if dist.is_initialized():
+        raise ValueError(
+            "a torch.distributed process group already exists in this process; run the sharded estimate outside "
+            "the distributed launch (for example `tfmem estimate --gpus N` on the command line)."
+        )
+    from tfmem.estimate.fake_step import _batch, _build
+    from tfmem.profiler.live_bytes import LiveBytes
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    try:
+        mesh = init_device_mesh("cpu", (gpus,))  # outside fake mode: the mesh reads real rank tensors
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            model = _build(config, model_class, profile)
+            recipe.prepare_model(model)
+            model.train()
+            shard_like_accelerate(model, strategy, recipe, mesh)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if not trainable:
+                raise ValueError("the recipe freezes every parameter; there is nothing to train. Freeze fewer layers.")
+            optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+            batch = _batch(model, config, micro, seq_len)
+            steps = recipe.gradient_accumulation_steps
+            size_of = _rounding(profile)
+            tracker = None
+            for step in range(2):  # the second step is the steady state (AdamW state exists)
+                if step == 1:
+                    tracker = LiveBytes(size_of=size_of)
+                    tracker.track(model, optimizer, batch)
+                    tracker.__enter__()
+                for i in range(steps):
+                    # accelerate's `accumulate`: no gradient sync until the window's last micro-batch.
+                    model.set_requires_gradient_sync(i == steps - 1)
+                    model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            assert tracker is not None
+            tracker.__exit__(None, None, None)
+            return tracker.peak_bytes, tracker.peak_breakdown
+    finally:
+        dist.destroy_process_group()
+
+
+def _rounding(profile: DeviceProfile):
+    if not profile.rounds_allocations:
+        return None
+    from tfmem.estimate.allocator import round_allocation
+
+    return round_allocation
+
+
+# -- planning over N GPUs ----------------------------------------------------------------------------------
+
+# Time per sample of each strategy relative to DDP, for ranking only: FSDP all-gathers every unit once in
+# forward and once more in backward (FULL_SHARD) on top of the reduce-scatter, SHARD_GRAD_OP once. These
+# are documented defaults (the share of a step that communication takes depends on the interconnect),
+# not measurements.
+STRATEGY_TIME = {"ddp": 1.0, "fsdp-grad-op": 1.05, "fsdp": 1.1}
+
+
+@dataclass(frozen=True)
+class ShardedCandidate:
+    """One (strategy, recipe) the sharded planner estimated; `needed_bytes` = peak + overhead."""
+
+    strategy: str
+    recipe: Recipe
+    estimate: ShardedEstimate
+    needed_bytes: int
+    headroom_bytes: int
+    relative_time: float
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "recipe": self.recipe.to_dict(), "summary": self.recipe.summary(),
+                "micro_batch_size": self.estimate.micro_batch_size, "peak_bytes": self.estimate.peak_bytes,
+                "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
+                "relative_time": round(self.relative_time, 4), "fits": self.fits}
+
+
+@dataclass(frozen=True)
+class ShardedPlan:
+    """The sharded planner's answer: `chosen` is the fastest fitting (strategy, recipe), verified at full depth."""
+
+    model: str
+    gpus: int
+    batch_size: int
+    seq_len: int
+    budget_bytes: int
+    overhead_bytes: int
+    device: str
+    fitting: list[ShardedCandidate]
+    closest: ShardedCandidate | None
+    chosen: ShardedCandidate | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "gpus": self.gpus, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "budget_bytes": self.budget_bytes, "overhead_bytes": self.overhead_bytes, "device": self.device,
+                "fitting": [c.to_dict() for c in self.fitting], "closest": self.closest.to_dict() if self.closest else None,
+                "chosen": self.chosen.to_dict() if self.chosen else None, "seconds": round(self.seconds, 2)}
+
+
+def plan_sharded(
+    model_or_config: Any,
+    batch_size: int,
+    seq_len: int,
+    budget_bytes: int,
+    gpus: int,
+    device: DeviceProfile | str = "cuda",
+    *,
+    overhead_bytes: int = 0,
+    strategies: tuple[str, ...] = STRATEGIES,
+    quick: bool = False,
+    num_labels: int = 2,
+) -> ShardedPlan:
+    """The fastest (strategy, recipe) whose per-GPU peak fits `budget_bytes` on each of `gpus` GPUs.
+
+    Keeps the global effective batch: each rank runs batch_size / gpus samples per step, split into
+    micro-batches by the recipe's accumulation. Searches precision (fp32 and the device's 16-bit mode;
+    fp16 is not offered under FSDP), checkpointing and accumulation for each strategy, estimating
+    2- and 3-layer copies and extrapolating to the full depth (per-rank bytes are affine in the number of
+    layers); the chosen one is re-estimated at full depth. Freezing is not searched here. `quick` tries
+    only the lowest-memory recipes (checkpointing and 16-bit where the device has it, no accumulation and
+    the most), to answer "does it fit at all?".
+
+    Raises:
+        ValueError / RecipeError: as for `estimate_sharded`.
+    """
+    from tfmem.estimate.fake_step import num_layers_of, with_depth
+    from tfmem.estimate.speed import SpeedModel
+
+    t0 = time.perf_counter()
+    profile = device_profile(device) if not isinstance(device, DeviceProfile) else device
+    config, model_class, name = model_config_of(model_or_config, num_labels)
+    depth = num_layers_of(config)
+    per_rank = per_rank_batch(batch_size, gpus)
+    speed = SpeedModel()
+    sixteen = [m for m in profile.precisions() if m != "no"][:1]
+    steps_options = [s for s in range(1, per_rank + 1) if per_rank % s == 0]
+    source = model_or_config if model_class is not None else config
+
+    def estimate(recipe: Recipe, strategy: str, exact: bool) -> ShardedEstimate:
+        if exact or depth <= 3 or strategy == "ddp":
+            return estimate_sharded(source, recipe, batch_size, seq_len, gpus, strategy, profile, num_labels=num_labels)
+        two, three = (estimate_sharded(with_depth(config, d) if model_class is None else _resized(model_or_config, d),
+                                       recipe, batch_size, seq_len, gpus, strategy, profile, num_labels=num_labels)
+                      for d in (2, 3))
+        grow = three.peak_bytes - two.peak_bytes
+        from dataclasses import replace
+
+        return replace(two, peak_bytes=two.peak_bytes + (depth - 2) * grow, model=name,
+                       method=f"{two.method}, 2- and 3-layer copies extrapolated to {depth} layers")
+
+    def candidate(strategy: str, recipe: Recipe, exact: bool = False) -> ShardedCandidate:
+        est = estimate(recipe, strategy, exact)
+        needed = est.peak_bytes + overhead_bytes
+        time_ = speed.relative_time(recipe, depth, per_rank, seq_len, profile) * STRATEGY_TIME[strategy]
+        return ShardedCandidate(strategy, recipe, est, needed, budget_bytes - needed, time_)
+
+    fitting: list[ShardedCandidate] = []
+    tried: list[ShardedCandidate] = []
+    # FULL_SHARD needs the least memory, SHARD_GRAD_OP more, DDP the most: a (precision, checkpointing)
+    # that fits under none of FULL_SHARD's accumulation options is not tried under the others. Under FSDP
+    # accumulation is not monotonic: with gradient sync off FSDP2 keeps every unit's *unsharded* gradients
+    # between micro-batches, which can cost more than the activations it saves. So no accumulation is tried
+    # first, then the most, then the ones between.
+    order = [s for s in ("fsdp", "fsdp-grad-op", "ddp") if s in strategies]
+    hopeless: set[tuple[str, bool]] = set()
+    for strategy in order:
+        precisions = ["no", *[m for m in sixteen if not (strategy != "ddp" and m == "fp16")]]
+        if quick:
+            precisions = precisions[-1:]
+        for precision in precisions:
+            for checkpointing in (True,) if quick else (False, True):
+                if (precision, checkpointing) in hopeless:
+                    continue
+                found = False
+                middle = [] if quick else steps_options[1:-1]
+                for steps in [steps_options[0], *steps_options[1:][::-1][:1], *middle]:
+                    c = candidate(strategy, planned_recipe(name, batch_size, seq_len, steps, checkpointing, precision, 0))
+                    tried.append(c)
+                    if c.fits:
+                        fitting.append(c)
+                        found = True
+                        break
+                if not found and strategy == order[0]:
+                    hopeless.add((precision, checkpointing))
+    fitting.sort(key=lambda c: (round(c.relative_time, 6), c.needed_bytes))
+    chosen = None
+    for c in fitting:
+        full = candidate(c.strategy, c.recipe, exact=True)
+        if full.fits:
+            chosen = full
+            break
+    closest = None if chosen or not tried else min(tried, key=lambda c: c.needed_bytes)
+    return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting,
+                       closest, chosen, time.perf_counter() - t0)
+
+
+def gpus_needed(
+    model_or_config: Any,
+    batch_size: int,
+    seq_len: int,
+    budget_bytes: int,
+    device: DeviceProfile | str = "cuda",
+    *,
+    overhead_bytes: int = 0,
+    options: tuple[int, ...] = (2, 4, 8),
+    num_labels: int = 2,
+) -> ShardedPlan | None:
+    """The fewest GPUs (of `options`, dividing the batch) on which FSDP with its lowest-memory recipes fits.
+
+    Returns that quick plan (`plan_sharded(..., quick=True)`), or None when none of the options fits.
+    """
+    # A bound first, so a hopeless budget costs no fake step: every rank holds at least its shard of the
+    # fp32 weights, gradients and two AdamW moments (4 x 4 bytes per parameter, nothing frozen).
+    states = 4 * trainable_bytes(model_or_config, Recipe(), num_labels)
+    for gpus in options:
+        if batch_size % gpus or states // gpus + overhead_bytes > budget_bytes:
+            continue
+        result = plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus, device,
+                              overhead_bytes=overhead_bytes, strategies=("fsdp",), quick=True, num_labels=num_labels)
+        if result.chosen is not None:
+            return result
+    return None
+
+
+def _resized(model: Any, depth: int) -> Any:
+    from tfmem.estimate.fake_step import with_depth
+
+    return with_depth(model.config, depth)
+
+
+def planned_recipe(model: str, batch: int, seq_len: int, steps: int, checkpointing: bool, precision: str,
+                   frozen: int = 0) -> Recipe:
+    """A recipe the sharded planner tries, named and described as the single-GPU planner names its own."""
+    recipe = Recipe(name="planned").replace(
+        gradient_accumulation_steps=steps,
+        gradient_checkpointing=checkpointing,
+        mixed_precision=precision,
+        freeze={"embeddings": frozen > 0, "layers": frozen},
+    )
+    short = model.rsplit("/", 1)[-1]
+    return recipe.replace(
+        name=f"{short}-b{batch}-s{seq_len}",
+        description=f"planned by tfmem for {short}, batch {batch}, seq {seq_len}: {recipe.summary()}",
+    )
