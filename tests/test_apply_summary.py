@@ -14,7 +14,6 @@ from tfmem.techniques.accumulation import micro_batch_size
 from tfmem.techniques.freezing import FreezeConfig, freeze_summary
 
 
-
 def bert(layers=4):
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers,

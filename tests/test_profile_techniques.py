@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tfmem.profiler import row
 from tfmem.profiler.sweep import SweepSpec, run_sweep
 from tfmem.recipe import Recipe

@@ -115,7 +115,7 @@ def test_many_unknown_keys_are_counted_not_listed():
 def test_large_file_is_refused_naming_its_size_and_the_cap(tmp_path):
     text = "name: big\n" + "".join(f"unknown_key_{i}: {i}\n" for i in range(100_000))
     path = write(tmp_path, text)
-    refused(Recipe.from_yaml, path, match=rf"r.yaml: the file is \d+\.\d MiB, larger than a recipe file may be \(64 KiB\)")
+    refused(Recipe.from_yaml, path, match=r"r.yaml: the file is \d+\.\d MiB, larger than a recipe file may be \(64 KiB\)")
     assert MAX_RECIPE_BYTES == 64 * 1024
 
 

@@ -31,10 +31,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` imports on demand
-    from tfmem.adapters.accelerate import accumulation_windows, backward_step, exact_loss
-    from tfmem.errors import ModelConfigError, RecipeError, UnsupportedModelError
-    from tfmem.estimate import estimate_memory, plan
-    from tfmem.recipe import Recipe
+    from tfmem.adapters.accelerate import accumulation_windows, backward_step, exact_loss  # noqa: F401 (exported through __all__)
+    from tfmem.errors import ModelConfigError, RecipeError, UnsupportedModelError  # noqa: F401 (exported through __all__)
+    from tfmem.estimate import estimate_memory, plan  # noqa: F401 (exported through __all__)
+    from tfmem.recipe import Recipe  # noqa: F401 (exported through __all__)
 
 
 def __getattr__(name: str) -> Any:

@@ -53,8 +53,8 @@ from tfmem.techniques._fields import quote
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
 from tfmem.techniques.checkpointing import CheckpointingConfig
-from tfmem.techniques.grouping import GroupingConfig
 from tfmem.techniques.freezing import FreezeConfig
+from tfmem.techniques.grouping import GroupingConfig
 from tfmem.techniques.micro_batch import AutoMicroBatchConfig
 from tfmem.techniques.optimizer import OptimizerConfig
 from tfmem.techniques.precision import PrecisionConfig

@@ -46,8 +46,8 @@ from tfmem.estimate.device import DeviceProfile
 from tfmem.estimate.kernels import CudaKernelTemporaries, cuda_dropout
 from tfmem.estimate.optimizer_state import fake_optimizer
 from tfmem.estimate.tracking import AllocationLog, device_live_bytes
-from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.prepare import prepare
+from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.recipe import Recipe
 from tfmem.techniques.precision import autocast_dtype
 

@@ -33,6 +33,7 @@ from tfmem.errors import is_out_of_memory
 from tfmem.profiler.batches import DatasetError, Sample, dataset_samples, synthetic_samples
 from tfmem.profiler.isolation import _process_context, _profile_in_child
 from tfmem.profiler.report import RowWriter, add_ratios, normalise
+
 # Also imported from here (the CLI, benchmarks, tests): TrainerDefaults, trainer_defaults, profile_recipe,
 # quiet_transformers, _steps.
 from tfmem.profiler.row import (  # noqa: F401
