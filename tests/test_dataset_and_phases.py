@@ -273,3 +273,17 @@ def test_phase_notes_send_a_states_dominated_peak_to_freezing_or_a_lighter_optim
     assert short.startswith("baseline: ") and "activations are only 0% of it" in short
     assert "lighter optimizer lower it" in short and "checkpointing, accumulation and 16-bit precision barely" in short
     assert long.startswith("long: ") and "checkpointing, accumulation (smaller micro-batches) and 16-bit precision lower it" in long
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+@pytest.mark.parametrize("option", [["--no-padding"], ["--gpus", "2"]])
+def test_options_that_dataset_would_ignore_are_refused(command, option, tmp_path, capsys):
+    """`--dataset` plans for dynamically padded batches on one GPU: an option it would silently drop is an error."""
+    from tfmem.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhello world,0\n")
+    budget = ["--budget", "1GiB"] if command == "plan" else []
+    code = main([command, "--model", "bert-tiny", "--batch-size", "8", "--dataset", str(data), *budget, *option])
+    assert code == 2
+    assert f"{option[0]}" in capsys.readouterr().err

@@ -40,6 +40,19 @@ def dataset_line(spec) -> str | None:
     return f"Dataset {spec.dataset}: {stats.describe()} (dynamic padding: each micro-batch padded to its longest row)"
 
 
+def dataset_conflict(args: argparse.Namespace) -> str | None:
+    """An option that `--dataset` would silently ignore, as an error message; None when there is none."""
+    if not getattr(args, "dataset", None):
+        return None
+    if getattr(args, "no_padding", False):
+        return ("--no-padding does not apply with --dataset: dataset batches are padded to their longest row "
+                "(dynamic padding); drop --no-padding, or use --seq-len without --dataset for packed text.")
+    if (getattr(args, "gpus", None) or 1) > 1:
+        return ("--gpus with --dataset is not supported yet: plan or estimate per GPU with --seq-len set to the "
+                "dataset's longest row (tfmem estimate --dataset prints it), or drop --dataset.")
+    return None
+
+
 def phase_sentence(phase: str | None, activation_share: float | None = None) -> str:
     """'Peak in the optimizer step: ...' for a step phase or an estimator window name."""
     from tfmem.profiler.phases import PHASE_WORDS, explain, step_phase

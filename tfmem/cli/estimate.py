@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli import sharding
-from tfmem.cli.dataset import add_dataset_argument, estimate_with_dataset, phase_sentence
+from tfmem.cli.dataset import add_dataset_argument, dataset_conflict, estimate_with_dataset, phase_sentence
 from tfmem.estimate.device import GPUS, device_profile
 from tfmem.zoo import DEFAULT_MODEL
 
@@ -63,10 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sample (required without --dataset; with it, where rows are truncated)")
     add_dataset_argument(p)
     add_device_arguments(p)
-    p.add_argument("--no-padding", action="store_true",
-                   help="every sample fills --seq-len (packed or truncated text): the attention mask is all ones, "
-                        "transformers drops it, and 16-bit attention runs the flash kernel. Default: batches "
-                        "padded to --seq-len, as tfmem profile's are")
+    add_padding_argument(p)
     sharding.add_estimate_arguments(p)
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(run=run)
@@ -76,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     from tfmem.estimate.estimator import estimate_memory
     from tfmem.profiler.units import format_bytes
 
+    if problem := dataset_conflict(args):
+        print(f"tfmem estimate: error: {problem}", file=sys.stderr)
+        return 2
     if args.dataset:
         return estimate_with_dataset(args)
     if args.seq_len is None:

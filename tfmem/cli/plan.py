@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tfmem.cli import sharding
-from tfmem.cli.dataset import add_dataset_argument, phase_sentence, plan_with_dataset
+from tfmem.cli.dataset import add_dataset_argument, dataset_conflict, phase_sentence, plan_with_dataset
 from tfmem.cli.estimate import add_device_arguments, add_padding_argument, profile_from_args
 from tfmem.zoo import DEFAULT_MODEL
 
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                    or _positive("--keep", "keep", args.keep)
                    or (_positive("--measure", "measure", args.measure) if args.measure is not None else None)
                    or ("--measure and --dataset together are not supported yet; plan with --seq-len to measure."
-                       if args.measure is not None and args.dataset else None))
+                       if args.measure is not None and args.dataset else None)
+                   or dataset_conflict(args))
         if problem:
             print(f"tfmem plan: error: {problem}", file=sys.stderr)
             return 2
