@@ -133,6 +133,19 @@ def test_a_dataset_file_is_profiled_with_its_real_lengths(tmp_path, model_dir_wi
         assert row["tokens_per_second"] / row["samples_per_second"] == pytest.approx(per_sample)
 
 
+def test_the_longest_step_ends_the_memory_window_so_its_peak_holds_the_optimizer_state():
+    # The first step runs forward and backward before the optimizer's state exists; a real run meets its
+    # longest batch with the state allocated, so the profile must too (else 8-bit AdamW showed 1.00x).
+    from tfmem.profiler.batches import Sample
+    from tfmem.profiler.sweep import _steps
+
+    samples = [Sample(torch.ones(n, dtype=torch.long), 0) for n in (5, 9, 40, 7, 30, 6, 8, 4)]
+    s = SweepSpec(model="bert-tiny", recipes=(), batch_size=2, seq_len=64, steps=2, warmup_steps=0,
+                  memory_steps=2, device="cpu", dataset="data.csv")
+    ordered = _steps(samples, s)
+    assert [max(len(x.input_ids) for x in group) for group in ordered] == [30, 40, 9, 8]
+
+
 def test_auto_micro_batch_trains_where_the_plain_recipe_runs_out_of_memory(tmp_path, tiny_model_dir):
     auto = tmp_path / "auto.yaml"
     auto.write_text("name: auto\nauto_micro_batch: true\n")
