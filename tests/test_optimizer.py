@@ -200,6 +200,25 @@ def test_create_optimizer_given_the_model_keeps_embeddings_in_32_bit_as_the_trai
     assert optimizer.state[model.bert.encoder.layer[0].intermediate.dense.weight]["state1"].dtype == torch.uint8
 
 
+def test_create_optimizer_leaves_the_overrides_another_optimizer_registered_alone():
+    """A Trainer registers its embeddings with bitsandbytes' process-wide manager when it builds the
+    optimizer, and they take effect at its first step: building a second 8-bit optimizer in between must
+    not wipe them (the first model's embeddings would silently get 8-bit state)."""
+    bnb = needs_bitsandbytes()
+    first = tiny_bert()
+    first_opt = bnb.optim.AdamW(first.parameters(), lr=1e-3, optim_bits=8, is_paged=False)
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.register_module_override(first.bert.embeddings.word_embeddings, "weight", {"optim_bits": 32})
+    try:
+        recipe("adamw-8bit").create_optimizer(tiny_bert(), lr=1e-3)  # a second model, in between
+        for p in first.parameters():
+            p.grad = torch.zeros_like(p)
+        first_opt.step()
+        assert first_opt.state[first.bert.embeddings.word_embeddings.weight]["state1"].dtype == torch.float32
+    finally:
+        manager.module_weight_config_triple.clear()
+
+
 def test_the_8bit_probe_is_not_fooled_by_overrides_a_trainer_left_behind(tmp_path):
     needs_bitsandbytes()
     trainer = make_trainer(tmp_path)

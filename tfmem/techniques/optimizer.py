@@ -211,11 +211,14 @@ def build_optimizer(
 
         # The class and arguments transformers uses for optim="adamw_bnb_8bit".
         optimizer = bnb.optim.AdamW(groups, lr=lr, optim_bits=8, is_paged=False, **kwargs)
-        # bitsandbytes keeps per-parameter overrides process-wide, keyed by id() and by (group, index), and
-        # never forgets them: an earlier optimizer's embedding entry would make parameter (0, 0) of this one
-        # 32-bit. Start from none (states already created keep their dtype), then add this model's.
-        manager = bnb.optim.GlobalOptimManager.get_instance()
+        # bitsandbytes keeps per-parameter overrides in one process-wide manager, keyed by id() and by
+        # (group, index), and never forgets them: an earlier optimizer's embedding entry would make
+        # parameter (0, 0) of this one 32-bit. Resetting that manager would instead wipe what another
+        # optimizer (a Trainer's) registered and has not applied yet (overrides resolve at the first step).
+        # So this optimizer gets a manager of its own, holding only this model's overrides.
+        manager = bnb.optim.GlobalOptimManager.__new__(bnb.optim.GlobalOptimManager)
         manager.initialize()
+        optimizer.mng = manager
         if model is not None:  # and, as the Trainer does, embeddings in 32-bit
             for module in model.modules():
                 if isinstance(module, torch.nn.Embedding):
