@@ -193,32 +193,18 @@ def test_extrapolated_reserved_stays_near_the_full_depth_figure():
     assert abs(shallow.reserved_bytes - full.reserved_bytes) < 0.02 * full.reserved_bytes
 
 
-def test_search_space_is_one_list_and_offers_tf32_only_where_it_runs(monkeypatch):
+def test_search_space_is_one_list_and_offers_tf32_only_where_it_runs():
     import importlib
 
     plan_module = importlib.import_module("tfmem.estimate.plan")  # the module; the package exports the function
     search_space = plan_module.search_space
 
-    monkeypatch.setattr(plan_module, "recipe_accepts_tf32", lambda: True)
     h100 = {(p.precision, p.tf32) for p in search_space(device_profile(gpu="h100"))}
     assert h100 == {("no", False), ("no", True), ("bf16", False)}
     t4 = {(p.precision, p.tf32) for p in search_space(device_profile(gpu="t4"))}
     assert t4 == {("no", False), ("fp16", False)}  # no TF32 before Ampere
     cpu = {(p.precision, p.tf32) for p in search_space(device_profile("cpu"))}
     assert ("no", True) not in cpu
-    monkeypatch.setattr(plan_module, "recipe_accepts_tf32", lambda: False)
-    assert all(not p.tf32 for p in search_space(device_profile(gpu="h100")))
-
-
-def test_tf32_candidates_follow_whether_recipe_has_the_key():
-    from tfmem.estimate.plan import recipe_accepts_tf32
-
-    try:
-        Recipe(name="x").replace(tf32=True)
-        has_key = True
-    except Exception:
-        has_key = False
-    assert recipe_accepts_tf32() is has_key
 
 
 # --- issue 7.2: the speed model ----------------------------------------------------------------------------

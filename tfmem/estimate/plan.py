@@ -177,7 +177,7 @@ def search_space(profile: DeviceProfile, allow_freeze: int = 0, allow_optimizer:
         ['no', 'fp16']
     """
     sixteen = [m for m in profile.precisions() if m != "no"][:1]
-    fp32_variants = [False, True] if _speed.tf32_available(profile) and recipe_accepts_tf32() else [False]
+    fp32_variants = [False, True] if _speed.tf32_available(profile) else [False]
     points = []
     for optimizer in ["adamw", *_lighter_optimizers(allow_optimizer)]:
         for frozen in [0] + ([allow_freeze] if allow_freeze else []):
@@ -200,16 +200,6 @@ def _lighter_optimizers(allowed: Sequence[str]) -> list[str]:
         except RecipeError as e:
             raise ValueError(f"--allow-optimizer: {e.problems[0].removeprefix('`optimizer` ')}") from None
     return [n for n in dict.fromkeys(names) if n != "adamw"]
-
-
-def recipe_accepts_tf32() -> bool:
-    """Whether `Recipe` has a `tf32` key (issue 8 adds it): tf32 candidates are planned only when it does,
-    since a plan must be written as a recipe that does what was planned."""
-    try:
-        Recipe(name="probe").replace(tf32=True)
-    except Exception:  # RecipeError for an unknown key, TypeError for an older signature
-        return False
-    return True
 
 
 def plan(
@@ -373,7 +363,7 @@ def _recipe(model: str, batch: int, seq_len: int, steps: int, point: SearchPoint
         "freeze": {"embeddings": point.frozen > 0, "layers": point.frozen},
     }
     if point.tf32:
-        changes["tf32"] = True  # only searched when Recipe has the key (recipe_accepts_tf32)
+        changes["tf32"] = True
     if point.optimizer != "adamw":
         changes["optimizer"] = point.optimizer
     recipe = Recipe(name="planned").replace(**changes)
