@@ -330,3 +330,20 @@ def test_a_row_whose_process_is_killed_is_an_error_row_and_the_sweep_goes_on(tin
     assert killed
     assert [(r["recipe"], r["status"]) for r in rows] == [("baseline", "error"), ("checkpointing", "ok")]
     assert rows[0]["message"].startswith("the recipe's process was killed by SIGKILL (the system's out-of-memory killer")
+
+
+def test_a_script_without_a_main_guard_can_call_run_sweep(tmp_path, tiny_model_dir):
+    """Each row's process must not re-import the caller's script (it would run the sweep again, and
+    multiprocessing refuses to start processes while one is bootstrapping: every row an error)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from tfmem import Recipe\nfrom tfmem.profiler.sweep import SweepSpec, run_sweep\n"
+        f"rows = run_sweep(SweepSpec(model={tiny_model_dir!r}, recipes=(Recipe.load('checkpointing'),), batch_size=8, seq_len=32,"
+        " steps=1, warmup_steps=0, memory_steps=1, device='cpu', include_baseline=False))\n"
+        "print('STATUS', [r['status'] for r in rows])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert "STATUS ['ok']" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -23,10 +23,12 @@ before sending its row (killed, or exited) still gives an `error` row that says 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +64,31 @@ def _process_context():
     return context
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a row's process without it re-importing the caller's `__main__`.
+
+    multiprocessing sends a new process the path (or name) of the parent's main module, and the process
+    imports it before running its target, to find functions defined there. A row's target lives in
+    tfmem, so that import is never needed, and it is harmful: a script that calls `run_sweep` at top
+    level without an `if __name__ == "__main__":` guard would run again inside every row, which
+    multiprocessing refuses, and every row would be an error. Without `__spec__` and `__file__` on the
+    main module while the process starts, nothing is sent.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}
+    try:
+        for key in saved:
+            if key == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__file__
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(main, key, value)
+
+
 def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on_step: Callable[[int], None]) -> dict[str, Any]:
     """`profile_recipe` in a fresh process; its step events come back through a pipe, then its row."""
     context = _process_context()
@@ -73,7 +100,8 @@ def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on
     setup = (root.level, [h.formatter._fmt for h in root.handlers if h.formatter is not None][:1]) if root.handlers else None
     process = context.Process(target=_child_main, args=(sender, recipe, spec, plain, setup),
                               name=f"tfmem-profile-{recipe.name}", daemon=True)
-    process.start()
+    with _main_module_hidden():
+        process.start()
     sender.close()  # the child holds the only writing end: EOF when it dies
     row = None
     try:
