@@ -199,7 +199,7 @@ def test_an_absurd_batch_is_an_oom_row_not_a_traceback(tmp_path, tiny_model_dir,
 def test_a_second_sweep_into_the_same_output_is_refused_naming_the_first(tmp_path, tiny_model_dir, capsys):
     import fcntl
 
-    from tfmem.cli.profile import LOCK_NAME
+    from tfmem.profiler.output_lock import LOCK_NAME
 
     with open(tmp_path / LOCK_NAME, "w") as held:  # as a running sweep holds it
         fcntl.flock(held, fcntl.LOCK_EX)

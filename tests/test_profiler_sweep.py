@@ -347,3 +347,18 @@ def test_a_script_without_a_main_guard_can_call_run_sweep(tmp_path, tiny_model_d
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
                           cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert "STATUS ['ok']" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_run_sweep_itself_refuses_a_results_folder_another_sweep_is_writing(tmp_path, tiny_model_dir):
+    """Not only the CLI: a script or notebook calling run_sweep must not overwrite another sweep's rows."""
+    import fcntl
+
+    from tfmem.profiler.output_lock import LOCK_NAME, OutputLocked
+
+    with open(tmp_path / LOCK_NAME, "w") as held:  # as another process's running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(OutputLocked, match="PID 4242"):
+            run_sweep(spec(tiny_model_dir, "checkpointing", include_baseline=False), tmp_path)
+    assert not (tmp_path / "results.json").exists()

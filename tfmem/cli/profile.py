@@ -8,12 +8,10 @@ names it lists come from tfmem.zoo, which imports transformers only to build a m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tfmem profile: error: {e}", file=sys.stderr)
         return 2
 
+    from tfmem.profiler.output_lock import OutputLocked, output_lock
+
     device = spec.torch_device
     try:
-        with _output_lock(args.output):
+        with output_lock(args.output):
             return _run(args, spec, config, source, device, console, dataset)
     except OutputLocked as e:
         print(f"tfmem profile: error: {e}", file=sys.stderr)
@@ -240,49 +240,6 @@ def _cores_and_load() -> tuple[int, float]:
     except (OSError, AttributeError):  # no load average on this system: assume idle
         load = 0.0
     return cores, load
-
-
-class OutputLocked(ValueError):
-    """Another `tfmem profile` is writing into the same --output folder."""
-
-
-LOCK_NAME = ".tfmem-profile.lock"
-
-
-@contextlib.contextmanager
-def _output_lock(output: str) -> Iterator[None]:
-    """Hold an exclusive lock on --output for the whole sweep, so two sweeps never overwrite each other's rows.
-
-    `fcntl.flock` on a lock file: the kernel drops it when the process dies (even by kill -9), so a stale
-    file never blocks a later run. The file holds the owner's PID for the message. Where there is no
-    `fcntl` (Windows) nothing is locked.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path = Path(output) / LOCK_NAME
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            raise OutputLocked(
-                f"--output {output!r} is in use by another tfmem profile (PID {owner}); wait for it to finish "
-                "or give another --output folder."
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.seek(0)
-            handle.truncate()
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _new_weights_note(source, config, num_labels: int) -> str:

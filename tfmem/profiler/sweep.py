@@ -32,6 +32,7 @@ from tfmem.data import load_tokenizer, model_dataset_stats
 from tfmem.errors import is_out_of_memory
 from tfmem.profiler.batches import DatasetError, Sample, dataset_samples, synthetic_samples
 from tfmem.profiler.isolation import _process_context, _profile_in_child
+from tfmem.profiler.output_lock import OutputLocked, output_lock  # noqa: F401 (OutputLocked re-exported)
 from tfmem.profiler.report import RowWriter, add_ratios, normalise
 
 # Also imported from here (the CLI, benchmarks, tests): TrainerDefaults, trainer_defaults, profile_recipe,
@@ -174,7 +175,15 @@ def run_sweep(spec: SweepSpec, output_dir=None, on_event: Event | None = None) -
     Raises:
         ValueError: the model or dataset cannot be used, or `seq_len` is longer than the model holds
             (before anything runs).
+        OutputLocked: another sweep is writing into `output_dir` (a ValueError).
     """
+    if output_dir is None:
+        return _run_sweep(spec, None, on_event)
+    with output_lock(output_dir):  # two sweeps into one folder would each overwrite the other's rows
+        return _run_sweep(spec, output_dir, on_event)
+
+
+def _run_sweep(spec: SweepSpec, output_dir, on_event: Event | None) -> list[dict[str, Any]]:
     notify = on_event or (lambda kind, info: None)
     device = spec.torch_device
     config, source = resolve(spec.model)
