@@ -131,17 +131,20 @@ def _sweep_phase(model_dir, seq_len: int, batch_size: int, device: str = "cpu") 
     return run_sweep(s)
 
 
-def test_tiny_sequences_peak_in_the_optimizer_step_and_checkpointing_cannot_help(tiny_model_dir):
+def test_tiny_sequences_peak_where_model_states_are_all_live_and_checkpointing_cannot_help(tiny_model_dir):
     rows = _sweep_phase(tiny_model_dir, seq_len=2, batch_size=1)
-    # The profile trains with Trainer's default fused AdamW, whose step adds no temporaries: the peak is where
-    # every gradient is live next to the optimizer state, at the end of backward or in the step (b7profile).
-    assert {r["peak_phase"] for r in rows} <= {"backward", "optimizer"}
+    # Trainer's default fused AdamW adds no temporaries in its step, so the peak is the end of backward:
+    # every gradient live next to the parameters and the optimizer state (from the second step on).
+    assert [r["peak_phase"] for r in rows] == ["backward", "backward"]
+    assert all(r["peak_activations_bytes"] < 0.01 * r["peak_allocated_bytes"] for r in rows)
     assert rows[1]["memory_ratio_to_baseline"] == pytest.approx(1.0, abs=0.02)  # the 1.00x that explains itself
 
 
-def test_long_sequences_peak_in_forward_or_backward(tiny_model_dir):
+def test_long_sequences_peak_where_activations_are(tiny_model_dir):
     rows = _sweep_phase(tiny_model_dir, seq_len=64, batch_size=8)
-    assert rows[0]["peak_phase"] in ("forward", "backward")
+    # Without checkpointing every activation is live at the end of forward; with it, the recomputed
+    # layer's activations during backward set the peak.
+    assert [r["peak_phase"] for r in rows] == ["forward", "backward"]
     assert rows[1]["memory_ratio_to_baseline"] < 0.9
 
 
