@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from tfmem.estimate.estimator import estimate_memory
     from tfmem.profiler.units import format_bytes
 
-    if problem := dataset_conflict(args):
+    if problem := dataset_conflict(args) or (sharding.sharded_conflict(args) if getattr(args, "gpus", 1) != 1 else None):
         print(f"tfmem estimate: error: {problem}", file=sys.stderr)
         return 2
     if args.dataset:

