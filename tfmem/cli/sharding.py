@@ -103,10 +103,16 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
     table = Table(title="Strategy and recipe that fit, fastest first" if result.fitting else "Nothing fits")
     for col in ("#", "strategy", "recipe", "micro", "peak / GPU", "headroom", "time"):
         table.add_column(col, justify="left" if col in ("strategy", "recipe") else "right", no_wrap=col != "recipe")
+    from tfmem.cli.plan import headroom_text
+
     for i, c in enumerate(result.fitting, 1):
+        mark = "~" if c.extrapolated else ""
         table.add_row(str(i), c.strategy, c.recipe.summary(), str(c.estimate.micro_batch_size),
-                      format_bytes(c.estimate.peak_bytes), format_bytes(c.headroom_bytes), f"{c.relative_time:.2f}")
+                      mark + format_bytes(c.estimate.peak_bytes), mark + headroom_text(c), f"{c.relative_time:.2f}")
     console.print(table)
+    if any(c.extrapolated for c in result.fitting):
+        console.print("~: extrapolated from 2- and 3-layer copies of the model (a few seconds each); the chosen "
+                      "row is estimated at full depth.")
     if result.chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)} per GPU on {result.gpus} GPUs.[/]"
@@ -115,7 +121,7 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
     c = result.chosen
     console.print(f"Chosen: [bold]{c.strategy}[/] with [bold]{c.recipe.summary()}[/], micro-batch "
                   f"{c.estimate.micro_batch_size} per GPU: predicted peak {format_bytes(c.estimate.peak_bytes)} per GPU, "
-                  f"headroom {format_bytes(c.headroom_bytes)}. {c.strategy}: {WHAT[c.strategy]}.")
+                  f"headroom {headroom_text(c)}. {c.strategy}: {WHAT[c.strategy]}.")
     console.print(_launch_hint(c.strategy, result.gpus))
     if args.output:
         console.print(f"Wrote {args.output}; load it with Recipe.from_yaml({args.output!r}).")

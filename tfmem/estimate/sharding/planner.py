@@ -48,6 +48,11 @@ class ShardedCandidate:
     def fits(self) -> bool:
         return self.headroom_bytes >= 0
 
+    @property
+    def extrapolated(self) -> bool:
+        """Its peak was extrapolated from 2- and 3-layer copies rather than estimated at full depth."""
+        return "extrapolated" in self.estimate.method
+
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "recipe": self.recipe.to_dict(), "summary": self.recipe.summary(),
                 "micro_batch_size": self.estimate.micro_batch_size, "peak_bytes": self.estimate.peak_bytes,
@@ -165,11 +170,16 @@ def plan_sharded(
                     hopeless.add((precision, checkpointing))
     fitting.sort(key=lambda c: (round(c.relative_time, 6), c.needed_bytes))
     chosen = None
-    for c in fitting:
+    # The chosen one goes back into the list at full depth, so the table's row and the Chosen line print
+    # the same figures; one that does not fit at full depth leaves the list (the closest may be it).
+    for c in list(fitting):
         full = candidate(c.strategy, c.recipe, exact=True)
         if full.fits:
             chosen = full
+            fitting[fitting.index(c)] = full
             break
+        fitting.remove(c)
+        tried.append(full)
     closest = None if chosen or not tried else min(tried, key=lambda c: c.needed_bytes)
     return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting,
                        closest, chosen, time.perf_counter() - t0)
