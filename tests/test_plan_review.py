@@ -58,3 +58,40 @@ def test_sharded_table_row_of_the_chosen_recipe_matches_the_chosen_line(capsys, 
     row = next(line for line in out.splitlines() if line.startswith("│ 1 "))
     assert chosen.group(1) in row and chosen.group(2) in row and "~" not in row, (row, chosen.groups())
     assert re.search(r"│ 2 .*~", out) and "~: extrapolated" in out
+
+
+# -- 3. --measure times the loop that was planned ---------------------------------------------------------
+
+def test_measure_loop_uses_the_recipes_optimizer_padded_batches_and_clips(monkeypatch):
+    import torch
+
+    from tfmem.estimate.measure import time_steps
+    from tfmem.recipe import Recipe
+
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, n, *a, **k: clipped.append(n) or real_clip(p, n))
+    recipe = Recipe(name="x").replace(optimizer="adafactor")
+    out = time_steps("bert-tiny", recipe.to_dict(), 4, 16, steps=1, warmup=1, device="cpu")
+    assert out["optimizer"] == "Adafactor" and out["padding_fraction"] > 0 and clipped == [1.0, 1.0]
+    packed = time_steps("bert-tiny", Recipe().to_dict(), 4, 16, steps=1, warmup=1, device="cpu", padded=False)
+    assert packed["optimizer"] == "AdamW" and packed["padding_fraction"] == 0
+
+
+def test_measure_passes_the_plans_padding_and_a_hung_candidate_times_out(monkeypatch):
+    import subprocess
+
+    import tfmem.estimate.measure as measure_module
+    from tfmem.estimate.plan import plan
+
+    jobs = []
+
+    def fake_run(cmd, **kwargs):
+        jobs.append((__import__("json").loads(cmd[-1]), kwargs))
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(measure_module.subprocess, "run", fake_run)
+    p = plan("bert-tiny", 2, 16, 2**30, "cpu", padded=False)
+    out = measure_module.measure(p, 1)
+    assert jobs[0][0]["padded"] is False and jobs[0][1]["timeout"] == measure_module.TIMEOUT_S
+    assert out[0].error == f"timed out after {measure_module.TIMEOUT_S:g} s" and not out[0].fits

@@ -237,8 +237,8 @@ def _print_measured(console: Console, measured, budget_bytes: int) -> None:
                       _ms(m.step_seconds) if m.error is None else m.error, format_bytes(c.estimate.reserved_bytes),
                       format_bytes(m.reserved_bytes), "yes" if m.fits else "no")
     console.print(table)
-    console.print(f"Each trained a fresh model for a few real steps in its own process (fused AdamW, synthetic "
-                  f"batches); fits: measured reserved + the CUDA context overhead within "
+    console.print(f"Each trained a fresh model for a few real steps in its own process (the recipe's optimizer, "
+                  f"gradients clipped at 1.0 as the Trainer does, synthetic batches padded as planned); fits: measured reserved + the CUDA context overhead within "
                   f"{format_bytes(budget_bytes)}.")
     if not any(m.fits for m in measured):
         console.print("[bold red]None of the measured recipes fits when measured;[/] keeping the estimate's choice. "

@@ -2,18 +2,22 @@
 
 The speed model (speed.py) is fitted to one GPU; a plan is only as right as it is on yours. So on a
 machine with the target GPU, each of the K fastest recipes that fit by estimate trains a few real steps
-(a fresh model of the planned architecture, the recipe applied by `Recipe.prepare_model`, fused AdamW as
-a Trainer uses on CUDA, synthetic batches padded to the planned length) and is timed between
-synchronised clocks after warm-up steps. Its peak *reserved* memory (`torch.cuda.max_memory_reserved`,
+(a fresh model of the planned architecture, the recipe applied by `Recipe.prepare_model`, the recipe's
+optimizer as a Trainer builds it (AdamW: fused, as on CUDA), gradients clipped at norm 1.0 as the
+Trainer's default `max_grad_norm` does, synthetic batches of the planned length, with padding in the
+attention mask where the plan estimated padded batches) and is timed between synchronised clocks after
+warm-up steps. Its peak *reserved* memory (`torch.cuda.max_memory_reserved`,
 the figure the budget is about) plus the plan's CUDA-context overhead is checked against the budget.
 
 Each candidate runs in its own Python process (`python -m tfmem.estimate.measure`): the CUDA caching
 allocator's state and whatever an earlier candidate left behind cannot change the next one's peak, and
-an out-of-memory error ends only that process.
+an out-of-memory error ends only that process. A process that runs past `TIMEOUT_S` is killed and its
+candidate reported as timed out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import subprocess
@@ -25,6 +29,12 @@ from typing import Any
 from tfmem.estimate.plan import Candidate, Plan
 
 logger = logging.getLogger(__name__)
+
+# One candidate's process: building the model, warm-up and timed steps. Generous (a large model's first
+# CUDA steps compile kernels and fill the allocator), but a hung process must not hang `tfmem plan`.
+TIMEOUT_S = 600.0
+# Trainer's default `max_grad_norm`: the clipping (a norm over every gradient) is part of the step timed.
+MAX_GRAD_NORM = 1.0
 
 # (model name, candidate, batch, seq_len) -> {"step_seconds": float, "reserved_bytes": int} or {"error": str}
 Runner = Callable[[str, Candidate, int, int], dict[str, Any]]
@@ -80,7 +90,8 @@ def measure(plan: Plan, k: int, run: Runner | None = None) -> list[Measurement]:
         k: how many to time.
         run: runs one candidate (default: `run_in_subprocess`); tests inject a fake.
     """
-    run = run or run_in_subprocess
+    if run is None:  # padded batches are the runner's default: only packed text needs saying
+        run = run_in_subprocess if plan.padded else functools.partial(run_in_subprocess, padded=False)
     out = []
     for c in plan.fitting[:k]:
         result = run(plan.model, c, plan.batch_size, plan.seq_len)
@@ -93,12 +104,17 @@ def measure(plan: Plan, k: int, run: Runner | None = None) -> list[Measurement]:
 
 
 def run_in_subprocess(model: str, candidate: Candidate, batch_size: int, seq_len: int,
-                      steps: int = 3, warmup: int = 2) -> dict[str, Any]:
-    """Time one candidate in a fresh Python process (see the module docstring)."""
+                      steps: int = 3, warmup: int = 2, *, padded: bool = True,
+                      timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """Time one candidate in a fresh Python process (see the module docstring); {"error": ...} when it
+    fails or runs past `timeout_s` (the process is then killed)."""
     job = {"model": model, "recipe": candidate.recipe.to_dict(), "batch_size": batch_size, "seq_len": seq_len,
-           "steps": steps, "warmup": warmup, "tf32": candidate.tf32}
-    done = subprocess.run([sys.executable, "-m", "tfmem.estimate.measure", json.dumps(job)],
-                          capture_output=True, text=True)
+           "steps": steps, "warmup": warmup, "tf32": candidate.tf32, "padded": padded}
+    try:
+        done = subprocess.run([sys.executable, "-m", "tfmem.estimate.measure", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:g} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -107,9 +123,12 @@ def run_in_subprocess(model: str, candidate: Candidate, batch_size: int, seq_len
 
 
 def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, seq_len: int, steps: int,
-               warmup: int, tf32: bool = False, device: str = "cuda") -> dict[str, Any]:
+               warmup: int, tf32: bool = False, device: str = "cuda", padded: bool = True) -> dict[str, Any]:
     """Train `warmup` + `steps` optimizer steps of a fresh model; median step time and peak reserved.
 
+    `padded`: batches as `tfmem profile` makes them (between half and all of `seq_len` real tokens, the
+    rest padding in the attention mask), the default the planner estimates; False: every token real.
+    Returns also the optimizer's class and the share of padding, so a reader can see what was timed.
     `device="cpu"` runs the same loop without the CUDA figures (reserved_bytes None), for tests."""
     import statistics
     import time
@@ -117,6 +136,7 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
     import torch
 
     from tfmem.errors import is_out_of_memory
+    from tfmem.profiler.batches import micro_batches, synthetic_samples
     from tfmem.recipe import Recipe
     from tfmem.techniques.precision import autocast_dtype
     from tfmem.zoo import build_model
@@ -135,15 +155,22 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
         recipe.prepare_model(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)  # fused: what a Trainer uses on CUDA
+        if recipe.optimizer.name == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)  # fused: what a Trainer uses on CUDA
+        else:  # as the Trainer builds it (adamw-8bit keeps the embeddings' state 32-bit: give the model)
+            opt = recipe.create_optimizer(model, lr=1e-5)
         cast = autocast_dtype(recipe.mixed_precision)
         scaler = torch.amp.GradScaler(device, enabled=cuda and recipe.mixed_precision == "fp16")
         accumulation = recipe.gradient_accumulation_steps
         micro = batch_size // accumulation
         vocab = model.config.vocab_size
-        batch = {"input_ids": torch.randint(0, vocab, (micro, seq_len), device=device),
-                 "attention_mask": torch.ones(micro, seq_len, dtype=torch.long, device=device),
-                 "labels": torch.zeros(micro, dtype=torch.long, device=device)}
+        if padded:
+            cpu_batch = micro_batches(synthetic_samples(micro, seq_len, vocab), micro, pad_to=seq_len)[0]
+        else:
+            cpu_batch = {"input_ids": torch.randint(0, vocab, (micro, seq_len)),
+                         "attention_mask": torch.ones(micro, seq_len, dtype=torch.long),
+                         "labels": torch.zeros(micro, dtype=torch.long)}
+        batch = {k: v.to(device) for k, v in cpu_batch.items()}
         times = []
         for i in range(warmup + steps):
             if i == warmup and cuda:
@@ -154,6 +181,8 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
                 with torch.autocast(device, dtype=cast or torch.bfloat16, enabled=cast is not None):
                     loss = model(**batch).loss / accumulation
                 scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients, as the Trainer does (a no-op without fp16)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -161,7 +190,9 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         return {"step_seconds": statistics.median(times),
-                "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None}
+                "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+                "optimizer": type(opt).__name__,
+                "padding_fraction": round(1 - float(cpu_batch["attention_mask"].float().mean()), 4)}
     except Exception as e:  # noqa: BLE001 - an out-of-memory is a result, anything else is reported too
         if is_out_of_memory(e):
             return {"error": "out of memory"}
@@ -172,4 +203,4 @@ if __name__ == "__main__":  # one candidate, in its own process (run_in_subproce
     logging.basicConfig(level=logging.WARNING)
     job = json.loads(sys.argv[1])
     print(json.dumps(time_steps(job["model"], job["recipe"], job["batch_size"], job["seq_len"], job["steps"],
-                                job["warmup"], job.get("tf32", False))))
+                                job["warmup"], job.get("tf32", False), padded=job.get("padded", True))))
