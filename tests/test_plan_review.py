@@ -95,3 +95,25 @@ def test_measure_passes_the_plans_padding_and_a_hung_candidate_times_out(monkeyp
     out = measure_module.measure(p, 1)
     assert jobs[0][0]["padded"] is False and jobs[0][1]["timeout"] == measure_module.TIMEOUT_S
     assert out[0].error == f"timed out after {measure_module.TIMEOUT_S:g} s" and not out[0].fits
+
+
+# -- 4. --measure writes nothing that did not fit when measured -------------------------------------------
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_measure_where_nothing_fits_measured_writes_nothing_and_fails(as_json, tmp_path, capsys, monkeypatch):
+    import json
+
+    from tfmem.estimate import measure as measure_module
+
+    monkeypatch.setattr(measure_module, "gpu_problem", lambda capability: None)
+    monkeypatch.setattr(measure_module, "run_in_subprocess",
+                        lambda model, c, batch, seq: {"step_seconds": 0.1, "reserved_bytes": 5 * 2**30})
+    path = tmp_path / "measured.yaml"
+    rc = main(["plan", "--model", "bert-tiny", "--batch-size", "4", "--seq-len", "32", "--gpu", "h100",
+               "--budget", "4GiB", "--measure", "2", "-o", str(path), *(["--json"] if as_json else [])])
+    out = capsys.readouterr().out
+    assert rc == 1 and not path.exists()
+    if as_json:
+        assert json.loads(out)["chosen_after_measuring"] is None
+    else:
+        assert "Nothing fits when measured" in " ".join(out.split()) and "Chosen:" not in out

@@ -110,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
         measured = measure(result, args.measure)
     chosen = result.chosen
-    if measured and measured[0].fits:
-        chosen = measured[0].candidate
+    if measured:  # measured beats predicted: when none fits measured, nothing is chosen (or written)
+        chosen = measured[0].candidate if measured[0].fits else None
     if args.output and chosen:
         chosen.recipe.to_yaml(args.output)
     if args.json:
@@ -151,6 +151,14 @@ def run(args: argparse.Namespace) -> int:
                   + speed_note(profile))
     if measured is not None:
         _print_measured(console, measured, result.budget_bytes)
+    if measured and chosen is None:
+        needed = [m.needed_bytes for m in measured if m.needed_bytes is not None]
+        console.print(f"[bold red]Nothing fits when measured:[/] none of the {len(measured)} recipes measured fits "
+                      f"in {format_bytes(result.budget_bytes)}"
+                      + (f" (the least needed {format_bytes(min(needed))})" if needed else "")
+                      + "; nothing was written. Lower --budget by the excess and plan again, or measure more "
+                        "recipes with a larger --measure K.")
+        return 1
     if chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)}.[/]" + (
@@ -240,9 +248,6 @@ def _print_measured(console: Console, measured, budget_bytes: int) -> None:
     console.print(f"Each trained a fresh model for a few real steps in its own process (the recipe's optimizer, "
                   f"gradients clipped at 1.0 as the Trainer does, synthetic batches padded as planned); fits: measured reserved + the CUDA context overhead within "
                   f"{format_bytes(budget_bytes)}.")
-    if not any(m.fits for m in measured):
-        console.print("[bold red]None of the measured recipes fits when measured;[/] keeping the estimate's choice. "
-                      "Lower --budget by the excess and plan again.")
 
 
 def _ms(seconds: float | None) -> str:
