@@ -117,3 +117,23 @@ def test_measure_where_nothing_fits_measured_writes_nothing_and_fails(as_json, t
         assert json.loads(out)["chosen_after_measuring"] is None
     else:
         assert "Nothing fits when measured" in " ".join(out.split()) and "Chosen:" not in out
+
+
+# -- 5. --overhead 0 in any unit ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("zero", ["0", "0GiB", "0.0MB", "0 B"])
+def test_zero_overhead_reads_in_any_unit(zero, capsys):
+    import json
+
+    from tfmem.profiler.units import SizeError, parse_bytes
+
+    assert parse_bytes(zero, field="--overhead", allow_zero=True) == 0
+    with pytest.raises(SizeError, match="must be positive"):
+        parse_bytes(zero, field="--budget")
+    rc = main(["plan", "--gpu", "h100", *TINY, "--budget", "1GiB", "--overhead", zero, "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["overhead_bytes"] == 0
+
+
+def test_negative_overhead_is_refused(capsys):
+    rc = main(["plan", "--gpu", "h100", *TINY, "--budget", "1GiB", "--overhead=-1GiB"])
+    assert rc == 2 and "--overhead '-1GiB' must be zero or positive" in capsys.readouterr().err

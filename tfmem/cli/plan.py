@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         budget = parse_bytes(args.budget, field="--budget") if args.budget else profile.memory_bytes
-        overhead = parse_bytes(args.overhead, field="--overhead") if args.overhead not in (None, "0") else (0 if args.overhead == "0" else None)
+        overhead = None if args.overhead is None else parse_bytes(args.overhead, field="--overhead", allow_zero=True)
         # Everything that can be refused is refused before the search (seconds to minutes) runs.
         problem = (_output_problem(args.output) or _positive("--batch-size", "batch_size", args.batch_size)
                    or (_positive("--seq-len", "seq_len", args.seq_len) if args.seq_len is not None else None)

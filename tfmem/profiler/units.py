@@ -18,14 +18,15 @@ class SizeError(ValueError):
     """A size string could not be read."""
 
 
-def parse_bytes(text: str, *, field: str = "--max-memory") -> int:
+def parse_bytes(text: str, *, field: str = "--max-memory", allow_zero: bool = False) -> int:
     """Read a size such as `200MiB`, `1.5GB`, `2G` or `1048576` as bytes (`K/M/G` alone are binary).
 
     A bare number is a count of bytes, so it must be whole: `--budget 1.5` is refused (did you mean
-    1.5GiB?) rather than read as one byte. Fractions with a unit round down to whole bytes.
+    1.5GiB?) rather than read as one byte. Fractions with a unit round down to whole bytes. With
+    `allow_zero`, zero in any unit (`0`, `0GiB`, `0.0MB`) reads as 0 (an overhead may be none).
 
     Raises:
-        SizeError: not a size, not positive, or a fraction of a byte; the message names the field and
+        SizeError: not a size, not positive (negative, with `allow_zero`), or a fraction of a byte; the message names the field and
             the value and shows a valid form.
 
     Example:
@@ -38,8 +39,11 @@ def parse_bytes(text: str, *, field: str = "--max-memory") -> int:
         raise SizeError(f"{field} {text!r} is not a size; write it like 8GiB, 200MiB, 1.5GB or a whole number of bytes.")
     # Fraction, not float: "1.1GB" is exactly 1100000000 bytes.
     number = Fraction(match.group(2)) * (-1 if match.group(1) == "-" else 1)
+    if number == 0 and allow_zero:
+        return 0
     if number <= 0:
-        raise SizeError(f"{field} {text!r} must be positive; write it like 8GiB.")
+        raise SizeError(f"{field} {text!r} must be " + ("zero or positive" if allow_zero else "positive")
+                        + "; write it like 8GiB.")
     if _UNITS[unit] == 1 and number.denominator != 1:
         raise SizeError(f"{field} {text!r} is not a whole number of bytes (a number without a unit counts bytes); "
                         f"give a unit, e.g. {match.group(2)}GiB or 8GiB.")
