@@ -137,3 +137,25 @@ def test_zero_overhead_reads_in_any_unit(zero, capsys):
 def test_negative_overhead_is_refused(capsys):
     rc = main(["plan", "--gpu", "h100", *TINY, "--budget", "1GiB", "--overhead=-1GiB"])
     assert rc == 2 and "--overhead '-1GiB' must be zero or positive" in capsys.readouterr().err
+
+
+# -- 6. the --allow-optimizer hint shows the headroom it would leave ---------------------------------------
+
+def test_allow_optimizer_hint_shows_the_headroom_the_lighter_optimizer_leaves(capsys):
+    from dataclasses import replace
+
+    from tfmem.cli.plan import headroom_text
+    from tfmem.estimate.device import device_profile
+    from tfmem.estimate.plan import plan, with_lighter_optimizers
+
+    device = device_profile("cpu")
+    tight = plan("bert-tiny", 8, 128, 1, device, verify=False)
+    lighter = with_lighter_optimizers("bert-tiny", tight, device)
+    # A budget the lightest fits with a few bytes to spare: its need rounds to the budget itself.
+    budget = min(c.needed_bytes for c in lighter) + 1
+    assert main(["plan", "--model", "bert-tiny", "--batch-size", "8", "--seq-len", "128", "--device", "cpu",
+                 "--budget", str(budget)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    best = next(c for c in lighter if c.needed_bytes <= budget)
+    best = replace(best, headroom_bytes=budget - best.needed_bytes)  # 1 B: "1 B", never a rounded need
+    assert f"is predicted to leave {headroom_text(best)} headroom)" in out, out

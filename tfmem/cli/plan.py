@@ -191,7 +191,6 @@ def _optimizer_hint(args: argparse.Namespace, profile, result) -> str:
     lighter optimizer, and one would make the closest recipe fit; "" otherwise (a few seconds: one
     estimate per optimizer)."""
     from tfmem.estimate.plan import with_lighter_optimizers
-    from tfmem.profiler.units import format_bytes
 
     if args.allow_optimizer.strip():
         return ""
@@ -200,8 +199,9 @@ def _optimizer_hint(args: argparse.Namespace, profile, result) -> str:
         return ""
     names = ",".join(c.recipe.optimizer.name for c in fits)
     best = fits[0]
-    return (f", --allow-optimizer {names} (changes what is learned; {best.recipe.summary()} is predicted to need "
-            f"{format_bytes(best.needed_bytes)})")
+    # The headroom, not the need: a need of "4.0 GiB" in a 4.0 GiB budget reads as not fitting after rounding.
+    return (f", --allow-optimizer {names} (changes what is learned; {best.recipe.summary()} is predicted to leave "
+            f"{headroom_text(best)} headroom)")
 
 
 def _positive(flag: str, name: str, value: int) -> str | None:
