@@ -49,6 +49,8 @@ def test_sharded_table_row_of_the_chosen_recipe_matches_the_chosen_line(capsys, 
     result = sharding_module.plan_sharded("bert-mini", 4, 32, 170 * 2**20, 2, "cpu", strategies=("fsdp",))
     assert result.chosen is not None and not result.chosen.extrapolated
     assert result.fitting[0] == result.chosen and any(c.extrapolated for c in result.fitting[1:])
+    rows = result.to_dict()["fitting"]
+    assert rows[0]["extrapolated"] is False and any(r["extrapolated"] for r in rows[1:])  # --json says so too
     monkeypatch.setattr(sharding_module, "plan_sharded", lambda *a, **k: result)
     rc = main(["plan", "--device", "cpu", "--model", "bert-mini", "--batch-size", "4", "--seq-len", "32",
                "--budget", "170MiB", "--gpus", "2"])

@@ -57,7 +57,7 @@ class ShardedCandidate:
         return {"strategy": self.strategy, "recipe": self.recipe.to_dict(), "summary": self.recipe.summary(),
                 "micro_batch_size": self.estimate.micro_batch_size, "peak_bytes": self.estimate.peak_bytes,
                 "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
-                "relative_time": round(self.relative_time, 4), "fits": self.fits}
+                "relative_time": round(self.relative_time, 4), "fits": self.fits, "extrapolated": self.extrapolated}
 
 
 @dataclass(frozen=True)
