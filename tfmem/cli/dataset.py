@@ -103,8 +103,6 @@ def estimate_with_dataset(args: argparse.Namespace) -> int:
         result = estimate_for_dataset(args.model, args.recipe, args.batch_size, args.dataset, profile,
                                       truncate_at=args.seq_len)
     except ValueError as e:
-        if type(e).__name__ == "RecipeError":
-            raise
         print(f"tfmem estimate: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return sharding.run_estimate(args, profile)
         est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile,
                               padded=not args.no_padding)
-    except ValueError as e:  # bad sizes, model or device names; RecipeError is handled by the entry point
-        if type(e).__name__ == "RecipeError":
-            raise
+    except ValueError as e:  # bad sizes, model or device names, or a RecipeError: one line, exit 2
         print(f"tfmem estimate: error: {e}", file=sys.stderr)
         return 2
     if args.json:

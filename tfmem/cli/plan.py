@@ -100,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        if type(e).__name__ == "RecipeError":
-            raise
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
     measured = None
