@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 
 import pytest
 import torch
@@ -72,11 +73,22 @@ def _run(reshard: bool) -> dict:
         loss = out.square().sum()
         loss.backward()
         grads = [local_tensor(p.grad) for p in model.parameters()]
-        gc.collect()
-        current["after_backward"] = [tracker.current_bytes,
-                                     sharded_bytes(model) + storage_bytes(*grads, x, out, loss)
-                                     + sum(gathered_bytes(g) for g in groups) + flat_buffer_bytes(model),
-                                     flat_buffer_bytes(model), sum(gathered_bytes(g) for g in groups)]
+
+        def after_backward():
+            return [tracker.current_bytes,
+                    sharded_bytes(model) + storage_bytes(*grads, x, out, loss)
+                    + sum(gathered_bytes(g) for g in groups) + flat_buffer_bytes(model),
+                    flat_buffer_bytes(model), sum(gathered_bytes(g) for g in groups)]
+
+        # gloo's asynchronous collectives can hold a communication buffer (one unit's gathered bytes, seen
+        # once in ~5 full-suite runs) a moment after backward returns; the tracker must agree once they
+        # are released, so wait for that (up to 2 s) rather than race it. A real miscount never settles.
+        for _ in range(100):
+            gc.collect()
+            current["after_backward"] = after_backward()
+            if current["after_backward"][0] == current["after_backward"][1]:
+                break
+            time.sleep(0.02)
     return {"checks": checks, "current": current, "logical_bytes": logical, "shard_bytes": sharded_bytes(model),
             "unit_bytes": 64 * 65 * 4, "breakdown": tracker.peak_breakdown, "peak": tracker.peak_bytes}
 
