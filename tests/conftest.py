@@ -46,3 +46,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Stand in a GPU of a given compute capability: what cannot exist here is the GPU, not the check.
+
+    `fake_gpu((7, 5), "Tesla T4")` makes tfmem read capability 7.5 and that device name.
+    """
+    from tfmem.techniques import precision
+
+    def install(capability, name):
+        monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+    return install

@@ -9,7 +9,6 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 
 from tfmem import Recipe, RecipeError
-from tfmem.techniques import precision
 from tfmem.techniques.precision import precision_problems
 
 
@@ -20,17 +19,6 @@ def test_fp16_on_cpu_is_refused_with_a_suggestion():
 
 def test_bf16_on_cpu_is_accepted():
     assert Recipe.load("bf16").accelerator_kwargs(device="cpu") == {"gradient_accumulation_steps": 1, "mixed_precision": "bf16"}
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Stand in a GPU of a given compute capability: what cannot exist here is the GPU, not the check."""
-
-    def install(capability, name):
-        monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-
-    return install
 
 
 def test_bf16_is_refused_below_compute_capability_8_even_though_torch_says_supported(fake_gpu, monkeypatch):

@@ -8,7 +8,6 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from tfmem import Recipe, RecipeError
-from tfmem.techniques import precision
 from tfmem.techniques.tf32 import tf32_matmul, tf32_problems
 
 TF32 = {"name": "fast-fp32", "tf32": True}
@@ -17,17 +16,6 @@ TF32 = {"name": "fast-fp32", "tf32": True}
 def test_tf32_on_cpu_is_refused_naming_the_key():
     with pytest.raises(RecipeError, match=r"`tf32` is true but training runs on the CPU.*set `tf32: false`"):
         Recipe.from_dict(TF32).accelerator_kwargs(device="cpu")
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Stand in a GPU of a given compute capability (as tests/test_precision.py does)."""
-
-    def install(capability, name):
-        monkeypatch.setattr(precision, "cuda_capability", lambda device: capability)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-
-    return install
 
 
 def test_tf32_is_refused_below_compute_capability_8(fake_gpu):
