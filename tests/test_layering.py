@@ -18,7 +18,7 @@ ROOT = Path(tfmem.__file__).parent
 
 TECHNIQUES = ("tfmem.techniques",)
 BASE = ("tfmem.errors", "tfmem.files", "tfmem.log")  # leaf helpers every layer may use
-RECIPE = ("tfmem.recipe", "tfmem.recipe_keys", "tfmem.recipe_file", "tfmem.shipped")
+RECIPE = ("tfmem.recipe", "tfmem.recipe_io", "tfmem.recipe_keys", "tfmem.recipe_file", "tfmem.shipped")
 ADAPTERS = ("tfmem.adapters", "tfmem.prepare")
 TOP = ("tfmem.profiler", "tfmem.estimate", "tfmem.cli", "tfmem.zoo")
 

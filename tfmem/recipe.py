@@ -30,25 +30,24 @@ Recipe, name it only for type checking (tests/test_layering.py pins this).
 Adding a key: give `Recipe` a field holding the technique's config piece, and add one `_Key` to
 `tfmem.recipe_keys.KEYS` (its docstring shows how). `from_dict`, `to_dict`, `to_yaml`'s comments, the type
 checks of `Recipe(...)`, and the unknown-key hints all follow from that entry.
+
+Files: which file a name means, reading a file's data and writing commented YAML are in
+`tfmem.recipe_io` (paths, text and plain data); this module turns that data into a Recipe and back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from tfmem.errors import RecipeError
 from tfmem.files import write_text_atomic
-from tfmem.recipe_file import load_json, load_yaml, read_recipe_text
-from tfmem.recipe_keys import COMMENTS, KEY_NAMES, KEY_OF_ATTRIBUTE, KEYS, OMIT, nesting_problems, unknown_keys
-from tfmem.shipped import shipped_recipe_names, shipped_recipe_path
+from tfmem.recipe_io import commented_yaml, read_json_data, read_yaml_data, recipe_path
+from tfmem.recipe_keys import KEY_NAMES, KEY_OF_ATTRIBUTE, KEYS, OMIT, nesting_problems, unknown_keys
 from tfmem.techniques._fields import quote
 from tfmem.techniques.accumulation import AccumulationConfig
 from tfmem.techniques.architecture import ModulePaths
@@ -207,7 +206,7 @@ class Recipe:
         The comments say what each setting saves and costs, so a file the planner writes reads like a
         shipped one. Comments are ignored on loading: `Recipe.from_yaml` round-trips it exactly.
         """
-        text = _commented_yaml(self.to_dict())
+        text = commented_yaml(self.to_dict())
         if path is not None:
             write_text_atomic(Path(path), text)
         return text
@@ -225,16 +224,13 @@ class Recipe:
                 is invalid.
         """
         path = Path(path)
-        data = load_yaml(read_recipe_text(path), source=str(path))
-        if data is None:
-            raise RecipeError("the file is empty; a recipe needs at least a `name`.", source=str(path))
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_yaml_data(path), source=str(path))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Recipe:
         """Load a recipe from a JSON file."""
         path = Path(path)
-        return cls.from_dict(load_json(read_recipe_text(path), source=str(path)), source=str(path))
+        return cls.from_dict(read_json_data(path), source=str(path))
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str]) -> Recipe:
@@ -243,24 +239,8 @@ class Recipe:
         Raises:
             RecipeError: no shipped recipe has that name and no such file exists; the message lists the names.
         """
-        text = str(name_or_path)
-        if "\x00" in text:
-            raise RecipeError(f"the recipe name or path {quote(text)} contains a NUL character.")
-        path = Path(text)
-        if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
-            if path.suffix.lower() == ".json":
-                return cls.from_json(path)
-            return cls.from_yaml(path)
-        shipped = shipped_recipe_path(text)
-        if shipped is None:
-            names = shipped_recipe_names()
-            close = difflib.get_close_matches(text, names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(
-                f"no shipped recipe is named {quote(text)} and no such file exists.{hint} "
-                f"Shipped recipes: {', '.join(names)}; or give the path of a .yaml file."
-            )
-        return cls.from_yaml(shipped)
+        path = recipe_path(name_or_path)
+        return cls.from_json(path) if path.suffix.lower() == ".json" else cls.from_yaml(path)
 
     # -- handing the recipe to a framework --------------------------------------------------------
 
@@ -407,20 +387,3 @@ def _refuse_assignment(self: Recipe, name: str, value: Any = None) -> None:
 Recipe.__setattr__ = _refuse_assignment  # type: ignore[method-assign, assignment]
 Recipe.__delattr__ = _refuse_assignment  # type: ignore[method-assign, assignment]
 
-
-def _commented_yaml(data: dict[str, Any]) -> str:
-    lines = []
-    for key, value in data.items():
-        comment = f"  # {COMMENTS[key]}" if key in COMMENTS else ""
-        if isinstance(value, dict):
-            lines.append(f"{key}:{comment}")
-            for sub, subvalue in value.items():
-                lines.append(f"  {sub}: {_scalar(subvalue)}")
-        else:
-            lines.append(f"{key}: {_scalar(value)}{comment}")
-    return "\n".join(lines) + "\n"
-
-
-def _scalar(value: Any) -> str:
-    # yaml.safe_dump of a scalar quotes exactly what needs quoting (e.g. "no", which YAML would read as False).
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
