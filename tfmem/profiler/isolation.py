@@ -18,16 +18,23 @@ an in-process row would. `SweepSpec(isolate=False)` keeps the in-process loop fo
 tests that patch tfmem/profiler/row.py).
 
 A row's process sends its step events and then its row back through a pipe; a process that dies
-before sending its row (killed, or exited) still gives an `error` row that says how it died.
+before sending its row (killed, or exited) still gives an `error` row that says how it died. Its log
+records come back through the same pipe when this process has configured logging, and this process's
+own loggers and handlers deal with them (the logging cookbook's "logging from multiple processes",
+with a pipe for its queue): the CLI's format and level, or an application's file handler, apply to a
+row as they would in-process, and nothing of the handlers has to be copied (a handler holds a lock
+and a stream; a formatter keeps its format string private).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import multiprocessing
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +101,7 @@ def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on
     context = _process_context()
     receiver, sender = context.Pipe(duplex=False)
     plain = [(s.input_ids.tolist(), s.label) for s in samples]  # plain data: no tensor sharing to set up
-    # The row logs as this process would: the CLI's logging set-up (WARNING, or INFO with -v) is not
-    # inherited by a forked-from-the-server process, and without it every row would print apply's summary.
-    root = logging.getLogger()
-    setup = (root.level, [h.formatter._fmt for h in root.handlers if h.formatter is not None][:1]) if root.handlers else None
-    process = context.Process(target=_child_main, args=(sender, recipe, spec, plain, setup),
+    process = context.Process(target=_child_main, args=(sender, recipe, spec, plain, _log_levels()),
                               name=f"tfmem-profile-{recipe.name}", daemon=True)
     with _main_module_hidden():
         process.start()
@@ -112,6 +115,8 @@ def _profile_in_child(recipe: Recipe, spec: SweepSpec, samples: list[Sample], on
                 break
             if kind == "step":
                 on_step(info)
+            elif kind == "log":
+                _handle_record(info)
             else:
                 row = info
     finally:
@@ -136,12 +141,55 @@ def _death_message(exitcode: int | None) -> str:
             "in each row's process; or use SweepSpec(isolate=False))")
 
 
-def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]], setup=None) -> None:
-    """The body of a row's process: profile one recipe, send step events and the row, exit."""
+def _log_levels() -> dict[str, int] | None:
+    """The levels a row's process gives its root and `tfmem` loggers before it sends its records here; None
+    when this process has configured no logging.
+
+    A process forked from the server starts with logging unconfigured. Unconfigured here too, it stays so,
+    and shows what this process would show (tfmem's one-line summaries and warnings, on the same stderr).
+    Configured, it makes the records these two levels let through, which are all that an in-process row
+    would make unless the application set a lower level on some other logger; this process's own
+    loggers then decide which to keep (`_handle_record`).
+    """
+    if not logging.getLogger().handlers:
+        return None
+    return {"": logging.getLogger().level, "tfmem": logging.getLogger("tfmem").level}
+
+
+def _handle_record(record: logging.LogRecord) -> None:
+    """A row's log record, handled by this process's logger of that name as if it had been logged here."""
+    logger = logging.getLogger(record.name)
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)
+
+
+class _Channel:
+    """The writing end of a row's pipe, one message at a time: the training loop sends step events and the
+    row, a log record can come from any thread. It is also the queue of a `QueueHandler`, which makes each
+    record safe to send (its message formatted, its arguments and traceback object dropped)."""
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+
+    def send(self, kind: str, info: Any) -> None:
+        with self._lock:
+            self._connection.send((kind, info))
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        self.send("log", record)
+
+
+def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]],
+                log_levels: dict[str, int] | None = None) -> None:
+    """The body of a row's process: profile one recipe, send step events, log records and the row, exit."""
+    channel = _Channel(sender)
+    forward = logging.handlers.QueueHandler(channel)  # type: ignore[arg-type] - a queue is anything with put_nowait
     try:
-        if setup is not None:
-            level, formats = setup
-            logging.basicConfig(level=level, **({"format": formats[0]} if formats else {}))
+        if log_levels is not None:
+            for name, level in log_levels.items():
+                logging.getLogger(name).setLevel(level)
+            logging.getLogger().addHandler(forward)
         if spec.threads:
             torch.set_num_threads(spec.threads)
         device = spec.torch_device
@@ -150,11 +198,12 @@ def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(spec.max_memory_bytes / total, 1.0), device)
         samples = [Sample(torch.tensor(ids, dtype=torch.long), label) for ids, label in plain]
-        row = profile_recipe(recipe, spec, samples, on_step=lambda i: sender.send(("step", i)))
+        row = profile_recipe(recipe, spec, samples, on_step=lambda i: channel.send("step", i))
     except BaseException as e:  # noqa: BLE001 - whatever happens, the parent gets a row
         row = _row_base(recipe, spec)
         row["message"] = f"{type(e).__name__}: {_first_line(str(e))}"
     try:
-        sender.send(("row", row))
+        channel.send("row", row)
     finally:
+        logging.getLogger().removeHandler(forward)
         sender.close()
