@@ -4,6 +4,11 @@ this process's logging, and no process of the sweep outlives it but the fork ser
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
 
 from tfmem.profiler.sweep import SweepSpec, run_sweep
 from tfmem.recipe import Recipe
@@ -27,3 +32,35 @@ def test_a_rows_log_records_reach_this_processs_handlers_at_its_levels(tiny_mode
     caplog.set_level(logging.WARNING)  # as `tfmem profile` without -v: no summary line per row
     run_sweep(one_row(tiny_model_dir))
     assert [r for r in caplog.records if r.name == "tfmem.summary"] == []
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid` (zombies included), with their command lines, read from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == pid:
+                    found[int(entry.name)] = (entry / "cmdline").read_text().replace("\0", " ")
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+    return found
+
+
+def _fork_servers() -> list[int]:
+    return [pid for pid, command in _children(os.getpid()).items() if "multiprocessing.forkserver" in command]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
+def test_after_a_sweep_no_row_process_is_left_and_the_fork_server_is_kept_for_the_next(tiny_model_dir):
+    """Kept on purpose (see `_process_context`): a second sweep in this process reuses the preloaded server."""
+    run_sweep(one_row(tiny_model_dir))
+    assert multiprocessing.active_children() == []
+    servers = _fork_servers()
+    assert len(servers) == 1
+    assert _children(servers[0]) == {}  # every row's process has exited and been reaped
+
+    run_sweep(one_row(tiny_model_dir))
+    assert _fork_servers() == servers  # the same server, not a second one
+    assert _children(servers[0]) == {} and multiprocessing.active_children() == []
