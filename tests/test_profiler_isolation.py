@@ -64,3 +64,15 @@ def test_after_a_sweep_no_row_process_is_left_and_the_fork_server_is_kept_for_th
     run_sweep(one_row(tiny_model_dir))
     assert _fork_servers() == servers  # the same server, not a second one
     assert _children(servers[0]) == {} and multiprocessing.active_children() == []
+
+
+@pytest.mark.cuda
+def test_the_kept_fork_server_holds_no_gpu(tiny_model_dir):
+    """What keeping the server costs on a GPU machine: nothing on the GPU. It must never initialise CUDA
+    (every row's process does, fresh); a process that has opens the driver's /dev/nvidia* files."""
+    rows = run_sweep(SweepSpec(model=tiny_model_dir, recipes=(), batch_size=4, seq_len=16, steps=1,
+                               warmup_steps=0, memory_steps=1, device="cuda"))
+    assert rows[0]["status"] == "ok"
+    (server,) = _fork_servers()
+    opened = [os.readlink(fd) for fd in Path(f"/proc/{server}/fd").iterdir()]
+    assert not [name for name in opened if name.startswith("/dev/nvidia")], opened
