@@ -269,14 +269,17 @@ def _too_large(spec: SweepSpec) -> dict[str, Any] | None:
 def _samples(spec: SweepSpec, config, source) -> tuple[list[Sample], dict[str, Any]]:
     """The samples every recipe trains on, and the row fields that say where they came from."""
     count = spec.batch_size * spec.total_steps()
+    # Labels the head's loss can read: the model's config (its file, or config_overrides) may say regression
+    # or multi-label classification (see batches.label_kind).
+    problem_type = getattr(config, "problem_type", None)
     if spec.dataset is None:
         vocab = getattr(config, "vocab_size", 30522)
-        samples = synthetic_samples(count, spec.seq_len, vocab, spec.num_labels, seed=spec.seed)
+        samples = synthetic_samples(count, spec.seq_len, vocab, spec.num_labels, seed=spec.seed, problem_type=problem_type)
         return samples, _data_fields(spec, samples)
     tokenizer = load_tokenizer(spec.model)
     info: dict[str, Any] = {}
     samples = dataset_samples(spec.dataset, tokenizer, count, spec.seq_len, spec.num_labels,
-                              batch_size=spec.batch_size, info=info)
+                              batch_size=spec.batch_size, info=info, problem_type=problem_type)
     return samples, _data_fields(spec, samples, info.get("rows"))
 
 
