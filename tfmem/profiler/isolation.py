@@ -190,7 +190,7 @@ class _Channel:
         self.send("log", record)
 
 
-def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], int]],
+def _child_main(sender, recipe: Recipe, spec: SweepSpec, plain: list[tuple[list[int], Any]],
                 log_levels: dict[str, int] | None = None) -> None:
     """The body of a row's process: profile one recipe, send step events, log records and the row, exit."""
     channel = _Channel(sender)
