@@ -1,32 +1,44 @@
 """How the planner ranks recipes by speed: a predicted step time, and a time per sample relative to fp32.
 
-On a GPU (calibrated on an H200, compute capability 9.0), one optimizer step of `batch` samples run as
-`n` micro-batches of `m` samples of `s` tokens costs
+On a GPU (calibrated on an H200, compute capability 9.0), the host (Python, PyTorch's dispatcher, kernel
+launches) and the GPU work at the same time: the host queues kernels and runs ahead, and the step waits for
+whichever is slower. A step of `n` micro-batches of `m` samples of `s` tokens, with no synchronisation
+inside it (fused AdamW, and GradScaler with a fused optimizer, do not synchronise: see `torch.amp.GradScaler.step`),
+costs
 
-    step = n x max(compute(micro-batch) + per-micro-batch cost, launch floor)
+    step = max(n x host(micro-batch), n x gpu(micro-batch) + (n - 1) x accumulate) + max(host(optimizer), gpu(optimizer))
 
-- **compute** = units x tokens x (F / throughput[precision] + hidden x elementwise[precision]), where F is
-  the matmul FLOPs of one layer per token (2 x (4h^2 + 2h x intermediate) + 4 x s x h for attention) and a
-  *unit* is one layer's forward: a trainable layer costs 3 (forward, input and weight gradients), a
-  checkpointed one 4 (its forward again), a frozen one 2, or 1 in a frozen prefix behind frozen
-  embeddings (backward stops before it). So the model depends on hidden size, depth and sequence length.
-- **launch floor**: the host-side cost of issuing one micro-batch's kernels, `launch[precision]` per
-  layer (`checkpoint_launch[precision]` for a checkpointed layer, which re-runs its forward through
-  autograd hooks: about twice as much). Small micro-batches in 16-bit are bound by it: bf16 at
-  micro-batch 8 measured 4x the time of micro-batch 32 per sample on the H200. Accumulation keeps the
-  effective batch but pays the floor per micro-batch.
-- **per-micro-batch cost**: embeddings, head, loss and the step's small kernels, seen in fp32 (micro-batch
-  8 is 14% slower than 32 even there). It overlaps the launch floor: a launch-bound micro-batch has idle
-  GPU time for them.
+- **gpu(micro-batch)** = units x tokens x (F / throughput[precision] + hidden x elementwise[precision])
+  + `micro_batch_s`, where F is the matmul FLOPs of one layer per token (2 x (4h^2 + 2h x intermediate)
+  + 4 x s x h for attention) and a *unit* is one layer's forward: a trainable layer costs 3 (forward, input
+  and weight gradients), a checkpointed one 4 (its forward again), a frozen one 2, or 1 in a frozen prefix
+  behind frozen embeddings (backward stops before it). bf16 and fp16 share their constants: the same
+  tensor-core rate (datasheet) and 2-byte activations. fp32 and tf32 share the elementwise one (the same
+  fp32 activations; tf32 only changes the matmuls). `micro_batch_s` is the per-micro-batch cost seen in the
+  fp32/tf32 rows of both models (micro-batch 8 vs 32: 7-15 ms per extra micro-batch, independent of
+  depth and of the matmul rate); its source is not identified, so it is fitted, as GPU time.
+- **host(micro-batch)** = `host_op_s` x the PyTorch operators dispatched for one micro-batch (`HOST_OPS`:
+  counted, not fitted, per layer and outside the layers, fp32 vs autocast, plain vs checkpointed), plus
+  `checkpoint_host_s` per checkpointed layer: non-reentrant checkpointing runs Python (saved-tensor hooks,
+  the recompute's frame, RNG state) on top of the operators it re-dispatches. A frozen layer issues 2/3 of
+  a trainable one's (no weight gradients), a forward-only one 1/3. The host does not depend on the
+  micro-batch size, so small 16-bit micro-batches are host-bound: bf16 at micro-batch 8 measured 4x the
+  time of micro-batch 32 per sample on the H200.
+- **accumulate**: every micro-batch after the first adds its gradients into `.grad` (one add per
+  parameter, 12 bytes moved per trainable parameter) at the GPU's memory bandwidth (datasheet).
+- **optimizer**: fused AdamW moves 28 bytes per trainable parameter (read parameter, gradient and two
+  moments, write three), fp16's GradScaler 4 more (its inf check reads every gradient); host: the
+  operators of `HOST_OPS["step"]`.
 
 Precisions: fp32, tf32 (fp32 weights and activations, TF32 tensor-core matmuls), bf16 and fp16 autocast.
-The capability-9.0 constants are a least-squares fit on log step time to the 48 configurations of
-`../shared/gpu-runs/2026-11-26-h200/speed-grid.json` (NVIDIA H200, torch 2.11, bert-base and bert-large at
-batch 32 x 512, measured at tfmem commit 730a4d8); refit with
-`python benchmarks/speed_model.py --grid FILE --fit`. Other capabilities are NOT measured: their
-throughputs are scaled from the capability-9.0 fit by the ratio of NVIDIA's datasheet dense TFLOPS of a
-reference card (`REFERENCE_CARDS`) to the H100's, and elementwise costs by memory bandwidth; the launch
-floor (host-bound) is kept.
+The capability-9.0 constants (3 throughputs, 2 elementwise costs, `micro_batch_s`, `host_op_s`,
+`checkpoint_host_s`: 8 fitted numbers) are a least-squares fit on log step time to the 48 configurations
+of `../shared/gpu-runs/2026-11-26-h200/speed-grid.json` (NVIDIA H200, torch 2.11, bert-base and bert-large
+at batch 32 x 512, measured at tfmem commit 730a4d8); refit with
+`python benchmarks/speed_model.py --grid FILE --fit`, recount the operators with `--count-ops`. Other
+capabilities are NOT measured: their throughputs are scaled from the capability-9.0 fit by the ratio of
+NVIDIA's datasheet dense TFLOPS of a reference card (`REFERENCE_CARDS`) to the H100's, elementwise costs
+and memory traffic by memory bandwidth; the host constants (a property of the host, not the GPU) are kept.
 
 On a CPU the model stays relative: time per sample = compute units x precision factor x micro-batch factor,
 with (m x s + `cpu_overhead_tokens`) / (m x s) for the micro-batch's fixed cost. Those two CPU constants
@@ -48,17 +60,34 @@ TF32_MIN_CAPABILITY = (8, 0)
 # Fitted to ../shared/gpu-runs/2026-11-26-h200/speed-grid.json (NVIDIA H200, measured at tfmem commit
 # 730a4d8) by `python benchmarks/speed_model.py --grid FILE --fit`, which prints these: least squares on
 # log step time, plus a penalty on pairs measured >15% apart and predicted the other way round, matmul
-# throughputs bounded by the H100/H200 datasheet peaks (fp16 sits on its bound: its matmul share is too
-# small at these sizes to separate it from the elementwise term). Throughputs in matmul FLOP/s reached;
-# elementwise in seconds per (token x hidden) per unit; launch floors in seconds per layer per micro-batch
-# (checkpointed layers have their own); micro_batch_s in seconds per micro-batch.
+# throughputs bounded by the H100/H200 datasheet peaks. Throughputs in matmul FLOP/s reached (bf16 = fp16);
+# elementwise in seconds per (token x hidden) per unit (fp32 = tf32, bf16 = fp16); micro_batch_s in seconds
+# of GPU time per micro-batch; host_op_s in seconds per dispatched operator; checkpoint_host_s in seconds per
+# checkpointed layer and micro-batch.
 H200_FIT: dict[str, Any] = {
-    "throughput_flops": {"fp32": 56.91e12, "tf32": 359.4e12, "bf16": 569.4e12, "fp16": 989.0e12},
-    "elementwise_s": {"fp32": 137.1e-12, "tf32": 128.2e-12, "bf16": 38.15e-12, "fp16": 62.32e-12},
-    "launch_s": {"fp32": 5.408e-3, "tf32": 2.328e-3, "bf16": 2.674e-3, "fp16": 2.644e-3},
-    "checkpoint_launch_s": {"fp32": 7.18e-3, "tf32": 4.857e-3, "bf16": 5.386e-3, "fp16": 5.339e-3},
-    "micro_batch_s": 4.756e-3,
+    "throughput_flops": {"fp32": 54.82e12, "tf32": 433.0e12, "bf16": 989.0e12, "fp16": 989.0e12},
+    "elementwise_s": {"fp32": 134.5e-12, "tf32": 134.5e-12, "bf16": 56.33e-12, "fp16": 56.33e-12},
+    "micro_batch_s": 5.999e-3,
+    "host_op_s": 14.35e-6,
+    "checkpoint_host_s": 1.123e-3,
 }
+
+# PyTorch operators dispatched (aten calls, views included: each costs host time) for BERT, counted with
+# `python benchmarks/speed_model.py --count-ops` (a TorchDispatchMode around training steps of a small BERT
+# on the CPU, 2 vs 4 layers; attention dropout off there so the CPU takes the fused attention kernel, as
+# CUDA's flash / memory-efficient kernels do with dropout on; torch 2.13, transformers 5.24). Used for every
+# architecture: an encoder layer of another model dispatches a similar number. "32": fp32/tf32, "16":
+# bf16/fp16 autocast (its casts: +34 per layer); "outside": embeddings, pooler, head, loss, loss scaling;
+# "step": fused AdamW + zero_grad (fp16: GradScaler's inf check and update too).
+HOST_OPS: dict[str, dict[str, int]] = {
+    "layer": {"32": 144, "16": 178},
+    "layer_checkpointed": {"32": 235, "16": 285},
+    "outside": {"fp32": 72, "tf32": 72, "bf16": 84, "fp16": 86},
+    "step": {"fp32": 6, "tf32": 6, "bf16": 6, "fp16": 15},
+}
+ADAMW_BYTES_PER_PARAM = 28  # fused AdamW: read parameter, gradient, exp_avg, exp_avg_sq (4 x 4 B), write three (3 x 4 B)
+SCALER_BYTES_PER_PARAM = 4  # GradScaler's inf check reads every fp32 gradient once per step
+ACCUMULATE_BYTES_PER_PARAM = 12  # `.grad += new`: read two fp32 gradients, write one
 
 # Dense datasheet figures of one reference card per compute capability (NVIDIA product briefs):
 # fp32, tf32, bf16, fp16 tensor TFLOPS (0 = not native: falls back to fp32) and memory bandwidth in GB/s.
@@ -68,14 +97,14 @@ REFERENCE_CARDS: dict[tuple[int, int], tuple[str, dict[str, float], float]] = {
     (8, 0): ("A100", {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}, 1555),
     (8, 6): ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125}, 600),
     (8, 9): ("L4", {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121}, 300),
-    (9, 0): ("H100 SXM", {"fp32": 67, "tf32": 495, "bf16": 989, "fp16": 989}, 4800),  # bandwidth: the H200 measured
+    (9, 0): ("H100 SXM", {"fp32": 67, "tf32": 495, "bf16": 989, "fp16": 989}, 4800),  # bandwidth: the H200's datasheet
 }
 MEASURED_CAPABILITY = (9, 0)
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the step time depends on: depth, hidden and feed-forward widths.
+    """What the step time depends on: depth, hidden and feed-forward widths, vocabulary (for the parameter count).
 
     Example:
         >>> ModelShape.of(12).hidden_size
@@ -85,6 +114,7 @@ class ModelShape:
     num_layers: int
     hidden_size: int = 768
     intermediate_size: int = 3072
+    vocab_size: int = 30522
 
     @classmethod
     def of(cls, model: ModelShape | int | Any) -> ModelShape:
@@ -96,12 +126,18 @@ class ModelShape:
         from tfmem.estimate.fake_step import num_layers_of
 
         hidden = int(getattr(model, "hidden_size", 768))
-        return cls(num_layers_of(model), hidden, int(getattr(model, "intermediate_size", None) or 4 * hidden))
+        return cls(num_layers_of(model), hidden, int(getattr(model, "intermediate_size", None) or 4 * hidden),
+                   int(getattr(model, "vocab_size", None) or 30522))
 
     def layer_flops_per_token(self, seq_len: int) -> int:
         """Forward matmul FLOPs of one layer per token: projections, feed-forward, and attention's two products."""
         h, i = self.hidden_size, self.intermediate_size
         return 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h
+
+    def layer_params(self) -> int:
+        """Weights of one layer (projections and feed-forward; biases and norms are <1%)."""
+        h, i = self.hidden_size, self.intermediate_size
+        return 4 * h * h + 2 * h * i
 
 
 @dataclass(frozen=True)
@@ -111,9 +147,10 @@ class GpuConstants:
     capability: tuple[int, int]
     throughput_flops: dict[str, float]
     elementwise_s: dict[str, float]
-    launch_s: dict[str, float]
-    checkpoint_launch_s: dict[str, float]
     micro_batch_s: float
+    host_op_s: float
+    checkpoint_host_s: float
+    bandwidth_bytes_s: float
     measured: bool
     source: str
 
@@ -124,20 +161,20 @@ class GpuConstants:
         cap = capability or (8, 0)  # "any CUDA GPU": planned as capability 8.0 (bf16), see cli/plan.py
         known = [c for c in REFERENCE_CARDS if c <= cap] or [min(REFERENCE_CARDS)]
         ref = max(known)
+        h_card, h_tflops, h_bandwidth = REFERENCE_CARDS[MEASURED_CAPABILITY]
+        host = (fit["micro_batch_s"], fit["host_op_s"], fit["checkpoint_host_s"])
         if ref >= MEASURED_CAPABILITY:
-            return cls(cap, dict(fit["throughput_flops"]), dict(fit["elementwise_s"]), dict(fit["launch_s"]),
-                       dict(fit["checkpoint_launch_s"]), fit["micro_batch_s"], True,
+            return cls(cap, dict(fit["throughput_flops"]), dict(fit["elementwise_s"]), *host, h_bandwidth * 1e9, True,
                        "fitted to step times measured on an H200 (speed-grid.json)")
         card, tflops, bandwidth = REFERENCE_CARDS[ref]
-        h_card, h_tflops, h_bandwidth = REFERENCE_CARDS[MEASURED_CAPABILITY]
         throughput, elementwise = {}, {}
         for p in PRECISIONS:
             native = tflops[p] > 0
             q = p if native else "fp32"  # emulated precisions run at fp32 speed (bf16 on a T4, tf32 on a V100)
             throughput[p] = fit["throughput_flops"][q] * tflops[q] / h_tflops[q]
             elementwise[p] = fit["elementwise_s"][q] * h_bandwidth / bandwidth
-        return cls(cap, throughput, elementwise, dict(fit["launch_s"]), dict(fit["checkpoint_launch_s"]), fit["micro_batch_s"],
-                   False, f"not measured: the 9.0 fit scaled by {card} vs {h_card} datasheet ratios")
+        return cls(cap, throughput, elementwise, *host, bandwidth * 1e9, False,
+                   f"not measured: the 9.0 fit scaled by {card} vs {h_card} datasheet ratios")
 
 
 @dataclass(frozen=True)
@@ -173,13 +210,20 @@ class SpeedModel:
         shape = ModelShape.of(model)
         k = GpuConstants.for_capability(device.capability, self.gpu_fit)
         p = precision_key(recipe, tf32, device)
-        micro = batch_size // recipe.gradient_accumulation_steps
+        n = recipe.gradient_accumulation_steps
+        micro = batch_size // n
         units, plain, recomputed = self._units(recipe, shape.num_layers)
         tokens = micro * seq_len
-        compute = units * tokens * (shape.layer_flops_per_token(seq_len) / k.throughput_flops[p]
-                                    + shape.hidden_size * k.elementwise_s[p])
-        launch = plain * k.launch_s[p] + recomputed * k.checkpoint_launch_s[p]
-        return recipe.gradient_accumulation_steps * max(compute + k.micro_batch_s, launch)
+        gpu = units * tokens * (shape.layer_flops_per_token(seq_len) / k.throughput_flops[p]
+                                + shape.hidden_size * k.elementwise_s[p]) + k.micro_batch_s
+        width = "16" if p in ("bf16", "fp16") else "32"
+        host = (k.host_op_s * (plain * HOST_OPS["layer"][width] + recomputed * HOST_OPS["layer_checkpointed"][width]
+                               + HOST_OPS["outside"][p]) + recomputed * k.checkpoint_host_s)
+        params = self._trainable_params(recipe, shape)
+        accumulate = ACCUMULATE_BYTES_PER_PARAM * params / k.bandwidth_bytes_s
+        optimizer_bytes = (ADAMW_BYTES_PER_PARAM + (SCALER_BYTES_PER_PARAM if p == "fp16" else 0)) * params
+        optimizer = max(k.host_op_s * HOST_OPS["step"][p], optimizer_bytes / k.bandwidth_bytes_s)
+        return max(n * host, n * gpu + (n - 1) * accumulate) + optimizer
 
     def relative_time(self, recipe: Recipe, model: ModelShape | int | Any, batch_size: int, seq_len: int,
                       device: DeviceProfile, *, tf32: bool = False) -> float:
@@ -205,11 +249,17 @@ class SpeedModel:
         factor = self.cpu_bf16_factor if recipe.mixed_precision == "bf16" else 1.0
         return compute * factor * efficiency
 
-    def _units(self, recipe: Recipe, num_layers: int) -> tuple[float, float, float]:
-        """(compute units, launch weight of layers not checkpointed, of checkpointed ones) summed over layers.
+    @staticmethod
+    def _trainable_params(recipe: Recipe, shape: ModelShape) -> int:
+        frozen = min(recipe.freeze.layers, shape.num_layers)
+        embeddings = 0 if recipe.freeze.embeddings else shape.vocab_size * shape.hidden_size
+        return (shape.num_layers - frozen) * shape.layer_params() + embeddings
 
-        A trainable layer is 3 units (4 checkpointed) and launch weight 1; a frozen one issues 2/3 of the
-        kernels (no weight gradients), a frozen prefix behind frozen embeddings 1/3 (forward only)."""
+    def _units(self, recipe: Recipe, num_layers: int) -> tuple[float, float, float]:
+        """(compute units, host weight of layers not checkpointed, of checkpointed ones) summed over layers.
+
+        A trainable layer is 3 units (4 checkpointed) and host weight 1; a frozen one dispatches 2/3 of the
+        operators (no weight gradients), a frozen prefix behind frozen embeddings 1/3 (forward only)."""
         frozen = min(recipe.freeze.layers, num_layers)
         prefix_stops_backward = recipe.freeze.embeddings
         ckpt = recipe.gradient_checkpointing
@@ -251,6 +301,7 @@ def speed_note(device: DeviceProfile, model: SpeedModel | None = None) -> str:
                 "documented default (see tfmem/estimate/speed.py).")
     k = GpuConstants.for_capability(device.capability, m.gpu_fit)
     cap = f"{k.capability[0]}.{k.capability[1]}"
-    return (f"step time = matmul FLOPs / throughput + elementwise work, or the kernel-launch floor of small "
-            f"micro-batches, per micro-batch; checkpointing re-runs each forward; constants for capability {cap}: "
+    return (f"step time = the slower of the GPU's work (matmul FLOPs / throughput + elementwise work) and the "
+            f"host's (PyTorch operators dispatched x time per operator, more for checkpointed layers), summed over "
+            f"the micro-batches, + the optimizer; checkpointing re-runs each forward; constants for capability {cap}: "
             f"{k.source} (see tfmem/estimate/speed.py).")
