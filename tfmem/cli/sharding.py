@@ -104,24 +104,24 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
                   f"budget {format_bytes(result.budget_bytes)} per GPU on {result.device}")
     cuda = profile.type == "cuda"  # there a rank's reserved bytes are what must fit, as on one GPU
     table = Table(title="Strategy and recipe that fit, fastest first" if result.fitting else "Nothing fits")
-    for col in ("#", "strategy", "recipe", "micro", "peak / GPU", *(("reserved / GPU",) if cuda else ()), "headroom",
-                "time"):
+    # On CUDA the column is what must fit, the reserved bytes (the Chosen line and --json give the peak too): a
+    # column more would leave the recipe no room in 80 columns.
+    for col in ("#", "strategy", "recipe", "micro", "reserved" if cuda else "peak / GPU", "headroom", "time"):
         table.add_column(col, justify="left" if col in ("strategy", "recipe") else "right", no_wrap=col != "recipe")
     from tfmem.cli.plan import headroom_text
 
     for i, c in enumerate(result.fitting, 1):
         mark = "~" if c.extrapolated else ""
         table.add_row(str(i), c.strategy, c.recipe.summary(), str(c.estimate.micro_batch_size),
-                      mark + format_bytes(c.estimate.peak_bytes),
-                      *((mark + format_bytes(c.estimate.reserved_bytes),) if cuda else ()),
+                      mark + format_bytes(c.estimate.reserved_bytes if cuda else c.estimate.peak_bytes),
                       mark + headroom_text(c), f"{c.relative_time:.2f}")
     console.print(table)
     if any(c.extrapolated for c in result.fitting):
         console.print("~: extrapolated from 2- and 3-layer copies of the model (a few seconds each); the chosen "
                       "row is estimated at full depth.")
     if cuda:
-        console.print("peak: predicted peak allocated per GPU; reserved: with the caching allocator's cache; "
-                      "headroom: budget - reserved - overhead (the CUDA context), as for one GPU.")
+        console.print("reserved: predicted peak per GPU with the caching allocator's cache; headroom: budget - reserved "
+                      "- overhead (the CUDA context), as for one GPU.")
     if result.chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)} per GPU on {result.gpus} GPUs.[/]"

@@ -190,8 +190,7 @@ def estimate_sharded(
     config, model_class, model_name = model_config_of(model_or_config, num_labels)
     depth = num_layers_of(config)
     if extrapolate_depth and depth > 3 and not recipe.freeze.layers:  # frozen layers: estimated at full depth
-        two, three = (_SampledStep(*fake_sharded_step(with_depth(config, d), model_class, recipe, micro, seq_len, gpus,
-                                                      strategy, profile, log=_log(profile)))
+        two, three = (_sampled(with_depth(config, d), model_class, recipe, micro, seq_len, gpus, strategy, profile)
                       for d in (2, 3))
         split = {k: two.split[k] + (depth - 2) * (three.split[k] - two.split[k]) for k in two.split}
         peak = two.peak + (depth - 2) * (three.peak - two.peak)
@@ -200,8 +199,7 @@ def estimate_sharded(
         reserved = None if slack is None else peak + slack
         method = f"fake FSDP2 steps over a fake {gpus}-rank process group, 2- and 3-layer copies extrapolated to {depth} layers"
     else:
-        step = _SampledStep(*fake_sharded_step(config, model_class, recipe, micro, seq_len, gpus, strategy, profile,
-                                               log=_log(profile)))
+        step = _sampled(config, model_class, recipe, micro, seq_len, gpus, strategy, profile)
         peak, split, reserved = step.peak, step.split, step.reserved
         method = f"fake FSDP2 step over a fake {gpus}-rank process group"
     workspace = profile.library_workspace_bytes
@@ -222,16 +220,20 @@ def estimate_sharded(
     )
 
 
+@dataclass(frozen=True)
 class _SampledStep:
-    """A fake sharded step's peak, its split and the reserved bytes its allocation log replays to."""
+    """A fake sharded step's peak, its split, and the reserved bytes its allocations replay to (None on CPU)."""
 
-    def __init__(self, peak: int, split: dict[str, int], log: AllocationLog | None = None) -> None:
-        self.peak, self.split = peak, split
-        self.reserved = None if log is None else simulate(log.events).peak_reserved_bytes
+    peak: int
+    split: dict[str, int]
+    reserved: int | None
 
 
-def _log(profile: DeviceProfile) -> AllocationLog | None:
-    return AllocationLog() if profile.rounds_allocations else None
+def _sampled(config: PretrainedConfig, model_class: type[nn.Module] | None, recipe: Recipe, micro: int, seq_len: int,
+             gpus: int, strategy: str, profile: DeviceProfile) -> _SampledStep:
+    log = AllocationLog() if profile.rounds_allocations else None
+    peak, split = fake_sharded_step(config, model_class, recipe, micro, seq_len, gpus, strategy, profile, log=log)
+    return _SampledStep(peak, split, None if log is None else simulate(log.events).peak_reserved_bytes)
 
 
 def bucket_reserved_bytes(bucket_bytes: int) -> int:
