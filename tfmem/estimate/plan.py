@@ -12,8 +12,8 @@ Search space, per target device:
 - optimizer: only with `allow_optimizer=("adamw-8bit", "adafactor")` (they change what is learned): their
   smaller state (see estimate/optimizer_state.py); the speed model counts their step as AdamW's.
 
-`search_space` lists these combinations; for each, the accumulation steps are tried from 1 upwards and
-the first that fits is kept: fewer micro-batches are never slower. Estimates use the depth extrapolation
+`search_space` lists these combinations (search.py: the one search `tfmem plan --gpus N` runs too); every
+(combination, accumulation) is tried in order of predicted speed and a combination's first fit is kept. Estimates use the depth extrapolation
 (estimator.py), a few shallow fake steps each; a chosen recipe whose headroom is within the
 extrapolation's error margin (`verify_margin`) is then estimated at full depth, and if that does not
 fit, the same techniques with more accumulation and the other combinations compete again. Speed comes from `speed.SpeedModel` (see its docstring): a step time per precision with a

@@ -33,6 +33,5 @@ from tfmem.estimate.sharding.planner import (
 )
 
 __all__ = ["STRATEGIES", "STRATEGY_TIME", "ShardedCandidate", "ShardedEstimate", "ShardedPlan", "bucket_reserved_bytes",
-           "estimate_sharded",
-           "fake_sharded_step", "gpus_needed", "per_rank_batch", "plan_sharded", "planned_recipe",
+           "estimate_sharded", "fake_sharded_step", "gpus_needed", "per_rank_batch", "plan_sharded", "planned_recipe",
            "shard_like_accelerate", "trainable_bytes"]
