@@ -178,7 +178,7 @@ def best_first(
         ...     return NS(fits=memory[p, s] <= 6, needed_bytes=memory[p, s], headroom_bytes=6 - memory[p, s], s=s)
         >>> found = best_first([("a", 1), ("b", 1), ("a", 2)], est)
         >>> found.chosen.needed_bytes, [c.needed_bytes for c in found.not_fitting]
-        (5, 7)
+        (5, [7])
     """
     found: Search[C, P] = Search()
     done: set[P] = set()
