@@ -111,6 +111,14 @@ def recipe_problems(recipe: Recipe) -> list[str]:
             "`mixed_precision` is 'fp16' under FSDP: sharded fp16 needs a gradient scaler over sharded gradients, "
             "which tfmem does not set up. Use `mixed_precision: bf16` (Ampere or newer) or `no`."
         )
+    if recipe.optimizer.name != "adamw":
+        # Checked with transformers 5.24's Adafactor and bitsandbytes 0.50's 8-bit AdamW: each builds part of
+        # its state as a plain tensor next to FSDP2's DTensor gradients and fails at the first step.
+        problems.append(
+            f"`optimizer` is {recipe.optimizer.name!r} but the model is sharded with FSDP: its update mixes plain "
+            "tensors with FSDP2's sharded (DTensor) parameters and fails at the first optimizer step. Use "
+            "`optimizer: adamw` under FSDP, or DDP (`--strategy ddp`), where each GPU steps the whole model."
+        )
     return problems
 
 

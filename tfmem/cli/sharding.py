@@ -82,6 +82,8 @@ def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
         if value or not label.startswith(("  of", "cuBLAS")):
             table.add_row(label, format_bytes(value))
     table.add_row("[bold]peak allocated per GPU[/]", f"[bold]{format_bytes(est.peak_bytes)}[/]")
+    if est.reserved_bytes is not None:
+        table.add_row("[bold]reserved per GPU[/] (the allocator's cache included)", f"[bold]{format_bytes(est.reserved_bytes)}[/]")
     console.print(table)
     console.print(f"{est.strategy}: {WHAT[est.strategy]}. {est.method}; {est.seconds:.1f} s.")
     return 0
@@ -100,28 +102,36 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
     console = Console()
     console.print(f"[bold]{result.model}[/], global batch {result.batch_size} x seq {result.seq_len} over {result.gpus} GPUs, "
                   f"budget {format_bytes(result.budget_bytes)} per GPU on {result.device}")
+    cuda = profile.type == "cuda"  # there a rank's reserved bytes are what must fit, as on one GPU
     table = Table(title="Strategy and recipe that fit, fastest first" if result.fitting else "Nothing fits")
-    for col in ("#", "strategy", "recipe", "micro", "peak / GPU", "headroom", "time"):
+    # On CUDA the column is what must fit, the reserved bytes (the Chosen line and --json give the peak too): a
+    # column more would leave the recipe no room in 80 columns.
+    for col in ("#", "strategy", "recipe", "micro", "reserved" if cuda else "peak / GPU", "headroom", "time"):
         table.add_column(col, justify="left" if col in ("strategy", "recipe") else "right", no_wrap=col != "recipe")
     from tfmem.cli.plan import headroom_text
 
     for i, c in enumerate(result.fitting, 1):
         mark = "~" if c.extrapolated else ""
         table.add_row(str(i), c.strategy, c.recipe.summary(), str(c.estimate.micro_batch_size),
-                      mark + format_bytes(c.estimate.peak_bytes), mark + headroom_text(c), f"{c.relative_time:.2f}")
+                      mark + format_bytes(c.estimate.reserved_bytes if cuda else c.estimate.peak_bytes),
+                      mark + headroom_text(c), f"{c.relative_time:.2f}")
     console.print(table)
     if any(c.extrapolated for c in result.fitting):
         console.print("~: extrapolated from 2- and 3-layer copies of the model (a few seconds each); the chosen "
                       "row is estimated at full depth.")
+    if cuda:
+        console.print("reserved: predicted peak per GPU with the caching allocator's cache; headroom: budget - reserved "
+                      "- overhead (the CUDA context), as for one GPU.")
     if result.chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)} per GPU on {result.gpus} GPUs.[/]"
                       + (f" Closest: {c.strategy}, {c.recipe.summary()}, needs {format_bytes(c.needed_bytes)}." if c else ""))
         return 1
     c = result.chosen
+    reserved = f" ({format_bytes(c.estimate.reserved_bytes)} reserved)" if c.estimate.reserved_bytes is not None else ""
     console.print(f"Chosen: [bold]{c.strategy}[/] with [bold]{c.recipe.summary()}[/], micro-batch "
-                  f"{c.estimate.micro_batch_size} per GPU: predicted peak {format_bytes(c.estimate.peak_bytes)} per GPU, "
-                  f"headroom {headroom_text(c)}. {c.strategy}: {WHAT[c.strategy]}.")
+                  f"{c.estimate.micro_batch_size} per GPU: predicted peak {format_bytes(c.estimate.peak_bytes)} per GPU"
+                  f"{reserved}, headroom {headroom_text(c)}. {c.strategy}: {WHAT[c.strategy]}.")
     console.print(_launch_hint(c.strategy, result.gpus))
     if args.output:
         console.print(f"Wrote {args.output}; load it with Recipe.from_yaml({args.output!r}).")
@@ -142,7 +152,7 @@ def suggest_gpus(console: Console, args: argparse.Namespace, profile: DeviceProf
         return
     c = result.chosen
     console.print(f"[bold]More {unit} would:[/] on {result.gpus} {unit} of this size, [bold]{c.strategy}[/] with "
-                  f"{c.recipe.summary()} needs {format_bytes(c.estimate.peak_bytes)} per "
+                  f"{c.recipe.summary()} needs {format_bytes(c.needed_bytes)} per "
                   f"{unit[:-1] if unit == 'GPUs' else 'process'} (see `tfmem plan --gpus {result.gpus}`).")
 
 

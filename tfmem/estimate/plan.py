@@ -12,8 +12,8 @@ Search space, per target device:
 - optimizer: only with `allow_optimizer=("adamw-8bit", "adafactor")` (they change what is learned): their
   smaller state (see estimate/optimizer_state.py); the speed model counts their step as AdamW's.
 
-`search_space` lists these combinations; for each, the accumulation steps are tried from 1 upwards and
-the first that fits is kept: fewer micro-batches are never slower. Estimates use the depth extrapolation
+`search_space` lists these combinations (search.py: the one search `tfmem plan --gpus N` runs too); every
+(combination, accumulation) is tried in order of predicted speed and a combination's first fit is kept. Estimates use the depth extrapolation
 (estimator.py), a few shallow fake steps each; a chosen recipe whose headroom is within the
 extrapolation's error margin (`verify_margin`) is then estimated at full depth, and if that does not
 fit, the same techniques with more accumulation and the other combinations compete again. Speed comes from `speed.SpeedModel` (see its docstring): a step time per precision with a
@@ -38,8 +38,20 @@ from tfmem.estimate import speed as _speed
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.estimator import MemoryEstimate, estimate_memory, model_config_of
 from tfmem.estimate.fake_step import num_layers_of
+from tfmem.estimate.search import (  # noqa: F401  (SearchPoint, search_space: imported from here too)
+    SearchPoint,
+    accumulation_options,
+    best_first,
+    lighter_optimizers,
+    needed_bytes,
+    planner_recipe,
+    search_space,
+    speed_order,
+)
 from tfmem.estimate.speed import ModelShape, SpeedModel
 from tfmem.recipe import Recipe
+
+_lighter_optimizers = lighter_optimizers  # the name this module used before the search moved to search.py
 
 logger = logging.getLogger(__name__)
 
@@ -55,25 +67,6 @@ def verify_margin(needed_bytes: int) -> int:
     """Headroom below which the chosen recipe is confirmed by a full-depth estimate."""
     return max(VERIFY_MARGIN_BYTES, needed_bytes // 20)
 SPEED_NOTE = (_speed.__doc__ or "").strip().splitlines()[0]
-
-
-@dataclass(frozen=True)
-class SearchPoint:
-    """One combination of techniques the planner searches accumulation steps for.
-
-    Attributes:
-        precision: the recipe's `mixed_precision` ("no", "bf16" or "fp16").
-        checkpointing: gradient checkpointing on or off.
-        frozen: 0, or the embeddings and this many first layers frozen.
-        tf32: fp32 with TF32 matmuls (same memory as fp32; only with precision "no").
-        optimizer: the recipe's `optimizer` ("adamw", or an allowed lighter one).
-    """
-
-    precision: str
-    checkpointing: bool
-    frozen: int = 0
-    tf32: bool = False
-    optimizer: str = "adamw"
 
 
 @dataclass(frozen=True)
@@ -169,39 +162,6 @@ class Plan:
         }
 
 
-def search_space(profile: DeviceProfile, allow_freeze: int = 0, allow_optimizer: Sequence[str] = ()) -> list[SearchPoint]:
-    """Every combination the planner tries, before accumulation; the one place to add a technique to search.
-
-    Example:
-        >>> [p.precision for p in search_space(device_profile(gpu="t4")) if not p.checkpointing]
-        ['no', 'fp16']
-    """
-    sixteen = [m for m in profile.precisions() if m != "no"][:1]
-    fp32_variants = [False, True] if _speed.tf32_available(profile) else [False]
-    points = []
-    for optimizer in ["adamw", *_lighter_optimizers(allow_optimizer)]:
-        for frozen in [0] + ([allow_freeze] if allow_freeze else []):
-            for precision in ["no", *sixteen]:
-                for tf32 in fp32_variants if precision == "no" else [False]:
-                    for checkpointing in (False, True):
-                        points.append(SearchPoint(precision, checkpointing, frozen, tf32, optimizer))
-    return points
-
-
-def _lighter_optimizers(allowed: Sequence[str]) -> list[str]:
-    """The allowed optimizers other than AdamW, checked (a misspelt one is a ValueError with a suggestion)."""
-    from tfmem.errors import RecipeError
-    from tfmem.techniques.optimizer import OptimizerConfig
-
-    names = [allowed] if isinstance(allowed, str) else list(allowed)
-    for n in names:
-        try:
-            OptimizerConfig(n)
-        except RecipeError as e:
-            raise ValueError(f"--allow-optimizer: {e.problems[0].removeprefix('`optimizer` ')}") from None
-    return [n for n in dict.fromkeys(names) if n != "adamw"]
-
-
 def plan(
     model_or_config: Any,
     batch_size: int,
@@ -257,7 +217,6 @@ def plan(
         overhead_bytes = CUDA_OVERHEAD_BYTES if profile.type == "cuda" else 0
     speed = speed or SpeedModel()
     shape = ModelShape.of(config)
-    steps_options = [s for s in range(1, batch_size + 1) if batch_size % s == 0]
     target = config if model_class is None else model_or_config
     estimates: dict[tuple, MemoryEstimate] = {}  # tf32 shares fp32's memory; verification reuses nothing
 
@@ -269,51 +228,27 @@ def plan(
                                   num_labels=num_labels, padded=padded)
             estimates[key] = _named(est, name)
         est = replace(estimates[key], recipe=recipe.name)
-        needed = (est.reserved_bytes if est.reserved_bytes is not None else est.peak_bytes) + overhead_bytes
+        needed = needed_bytes(est.peak_bytes, est.reserved_bytes, overhead_bytes)
         seconds = speed.step_seconds(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32) \
             if profile.type == "cuda" else None
         return Candidate(recipe, est, needed, budget_bytes - needed,
                          speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32),
                          point.tf32, seconds, point)
 
-    # Best-first: every (combination, accumulation) in order of predicted speed, so the first that fits
-    # (confirmed at full depth) is the answer, and the search stops after `keep` fitting recipes.
-    # Estimates are the expensive part; a combination's slower accumulations are skipped once one fits.
-    queue = []
-    for point in search_space(profile, allow_freeze, allow_optimizer):
-        for steps in steps_options:
-            recipe = _recipe(name, batch_size, seq_len, steps, point)
-            t = speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32)
-            queue.append(((point.frozen > 0, point.optimizer != "adamw", round(t, 6), steps), point, steps))
-    queue.sort(key=lambda item: item[0])
-    fitting: list[Candidate] = []
-    lowest: dict[SearchPoint, Candidate] = {}  # per combination without a fit: its lowest-memory try
-    failed: list[Candidate] = []  # fitted by extrapolation, not at full depth
-    chosen = chosen_estimate = None
-    for _, point, steps in queue:
-        if len(fitting) >= max(keep, 1):
-            break
-        if any(c.point == point for c in fitting):
-            continue
-        c = candidate(point, steps, exact=False)
-        if not c.fits:
-            if point not in lowest or c.needed_bytes < lowest[point].needed_bytes:
-                lowest[point] = c
-            continue
-        if verify and chosen is None and c.headroom_bytes < verify_margin(c.needed_bytes):
-            full = candidate(point, steps, exact=True)
-            if not full.fits:
-                logger.info("tfmem: %s fits by extrapolation but not at full depth (%d bytes over); next",
-                            c.recipe.name, -full.headroom_bytes)
-                failed.append(full)
-                continue
-            c = full  # the table shows what the chosen line says: the full-depth figures
-        if chosen is None:
-            chosen, chosen_estimate = c, c.estimate
-        fitting.append(c)
-    lowest = {p: c for p, c in lowest.items() if not any(f.point == p for f in fitting)}
+    def relative_time(point: SearchPoint, steps: int) -> float:
+        recipe = _recipe(name, batch_size, seq_len, steps, point)
+        return speed.relative_time(recipe, shape, batch_size, seq_len, profile, tf32=point.tf32)
+
+    # Best-first (search.py): every (combination, accumulation) in order of predicted speed, so the first that
+    # fits (confirmed at full depth when its headroom is within the extrapolation's error) is the answer, and
+    # the search stops after `keep` fitting recipes.
+    order = speed_order(search_space(profile, allow_freeze, allow_optimizer), accumulation_options(batch_size),
+                        relative_time, rank=lambda p: (p.frozen > 0, p.optimizer != "adamw"))
+    found = best_first(order, candidate, keep=keep,
+                       confirm=lambda c: verify and c.headroom_bytes < verify_margin(c.needed_bytes))
     # `fitting` is already in the queue's order (the chosen one first): re-sorting could put a tie first.
-    not_fitting = sorted([*lowest.values(), *failed], key=lambda c: c.needed_bytes)
+    fitting, not_fitting, chosen = found.fitting, found.not_fitting, found.chosen
+    chosen_estimate = chosen.estimate if chosen else None
     closest = None if chosen else (not_fitting[0] if not_fitting else None)
     return Plan(name, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting, not_fitting,
                 chosen, chosen_estimate, closest, len(estimates), time.perf_counter() - t0, padded=padded)
@@ -344,7 +279,7 @@ def with_lighter_optimizers(
         recipe = c.recipe.replace(optimizer=optimizer)
         est = _named(estimate_memory(target, recipe, result.batch_size, result.seq_len, profile, extrapolate_depth=True,
                                      num_labels=num_labels, padded=result.padded), name)
-        needed = (est.reserved_bytes if est.reserved_bytes is not None else est.peak_bytes) + result.overhead_bytes
+        needed = needed_bytes(est.peak_bytes, est.reserved_bytes, result.overhead_bytes)
         point = replace(c.point, optimizer=optimizer) if c.point else None
         out.append(Candidate(recipe, est, needed, result.budget_bytes - needed, c.relative_time, c.tf32, c.step_seconds,
                              point))
@@ -356,19 +291,4 @@ def _named(est: MemoryEstimate, name: str) -> MemoryEstimate:
 
 
 def _recipe(model: str, batch: int, seq_len: int, steps: int, point: SearchPoint) -> Recipe:
-    changes: dict[str, Any] = {
-        "gradient_accumulation_steps": steps,
-        "gradient_checkpointing": point.checkpointing,
-        "mixed_precision": point.precision,
-        "freeze": {"embeddings": point.frozen > 0, "layers": point.frozen},
-    }
-    if point.tf32:
-        changes["tf32"] = True
-    if point.optimizer != "adamw":
-        changes["optimizer"] = point.optimizer
-    recipe = Recipe(name="planned").replace(**changes)
-    short = model.rsplit("/", 1)[-1]
-    return recipe.replace(
-        name=f"{short}-b{batch}-s{seq_len}",
-        description=f"planned by tfmem for {short}, batch {batch}, seq {seq_len}: {recipe.summary()}",
-    )
+    return planner_recipe(model, batch, seq_len, steps, point)

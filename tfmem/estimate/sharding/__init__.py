@@ -5,8 +5,10 @@
     gpus_needed(model_or_config, batch_size, seq_len, budget_bytes) -> ShardedPlan | None
 
 Two ideas, two modules: per_rank.py predicts one rank's peak (a fake FSDP2 step over a fake process
-group; the single-GPU estimate plus DDP's gradient buckets); planner.py searches strategies and recipes
-with it and says how many GPUs would fit. The names are re-exported here, where callers import them.
+group; the single-GPU estimate plus DDP's gradient buckets), with the caching allocator's reserved bytes on
+CUDA; planner.py runs the single-GPU planner's search (estimate/search.py) over strategies with it, fits on
+those reserved bytes as one GPU does, and says how many GPUs would fit. The names are re-exported here,
+where callers import them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from tfmem.estimate.sharding.per_rank import (
     STRATEGIES,
     ShardedEstimate,
+    bucket_reserved_bytes,
     estimate_sharded,
     fake_sharded_step,
     per_rank_batch,
@@ -29,6 +32,6 @@ from tfmem.estimate.sharding.planner import (
     planned_recipe,
 )
 
-__all__ = ["STRATEGIES", "STRATEGY_TIME", "ShardedCandidate", "ShardedEstimate", "ShardedPlan", "estimate_sharded",
-           "fake_sharded_step", "gpus_needed", "per_rank_batch", "plan_sharded", "planned_recipe",
+__all__ = ["STRATEGIES", "STRATEGY_TIME", "ShardedCandidate", "ShardedEstimate", "ShardedPlan", "bucket_reserved_bytes",
+           "estimate_sharded", "fake_sharded_step", "gpus_needed", "per_rank_batch", "plan_sharded", "planned_recipe",
            "shard_like_accelerate", "trainable_bytes"]

@@ -22,9 +22,15 @@ step, in micro-batches of batch_size / (gpus x gradient_accumulation_steps).
   FSDP2 keeps between micro-batches while gradient sync is off (accelerate turns it off): accumulation
   does not shard gradients until the window's last backward.
 
+The optimizer is the recipe's: under DDP each rank holds the whole optimizer state, as on one GPU (the
+single-GPU estimate builds the recipe's optimizer). Under FSDP only AdamW is estimated: transformers'
+Adafactor and bitsandbytes' 8-bit AdamW both fail at their first step on FSDP2's DTensor parameters (they
+mix plain tensors into the update), so such a recipe is refused (`tfmem.adapters.fsdp.recipe_problems`).
+
 The fake step needs this process to have no process group of its own (run `tfmem estimate` outside the
-distributed launch). CUDA targets get the caching allocator's 512-byte rounding and the cuBLAS
-workspace, like the single-GPU estimate; sharded CUDA figures have not been checked on GPUs yet.
+distributed launch). CUDA targets get the caching allocator's 512-byte rounding, the cuBLAS workspace and
+a reserved figure, like the single-GPU estimate (see `reserved_bytes`); sharded CUDA figures have not been
+checked on GPUs yet.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from tfmem.errors import RecipeError
+from tfmem.estimate.allocator import simulate
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.estimator import _recipe, estimate_memory, model_config_of
+from tfmem.estimate.fake_step import num_layers_of, with_depth
+from tfmem.estimate.tracking import AllocationLog
 from tfmem.recipe import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
 
@@ -62,6 +71,11 @@ class ShardedEstimate:
         communication_bytes: DDP's gradient buckets (counted in activations_bytes); 0 under FSDP, whose
             buffers come and go inside the step and are counted where they are live.
         library_workspace_bytes: cuBLAS's workspace on CUDA targets.
+        reserved_bytes: what the CUDA caching allocator would hold on this rank at its worst (allocator.py, as
+            on one GPU): under FSDP the fake step's allocations and frees replayed through the allocator's
+            rules (one stream: FSDP2's all-gather and reduce-scatter streams are not modelled, which can
+            only add cached blocks); under DDP the single-GPU figure plus the segment of the reducer's
+            gradient buffer. None on CPU. This, plus the CUDA context, is what must fit a GPU.
         strategy, gpus: the sharding. batch_size: the global effective batch. per_rank_batch_size: samples per
             rank per optimizer step; micro_batch_size: per forward on one rank.
     """
@@ -84,9 +98,11 @@ class ShardedEstimate:
     device: str
     method: str
     seconds: float = 0.0
+    reserved_bytes: int | None = None
 
     def fits(self, budget_bytes: int) -> bool:
-        return self.peak_bytes <= budget_bytes
+        """Whether this rank fits `budget_bytes`: its reserved bytes on CUDA, its peak elsewhere."""
+        return (self.reserved_bytes if self.reserved_bytes is not None else self.peak_bytes) <= budget_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +139,7 @@ def estimate_sharded(
     *,
     gpu: str | None = None,
     num_labels: int = 2,
+    extrapolate_depth: bool = False,
 ) -> ShardedEstimate:
     """Predict one rank's peak memory for a training step spread over `gpus` GPUs.
 
@@ -131,11 +148,15 @@ def estimate_sharded(
         batch_size: the global effective batch (over all GPUs).
         gpus: processes / GPUs.
         strategy: "ddp", "fsdp" (FULL_SHARD) or "fsdp-grad-op" (SHARD_GRAD_OP).
+        extrapolate_depth: estimate shallow copies and extrapolate to the full depth (the planner's
+            screening): DDP through `estimate_memory`'s extrapolation; FSDP from 2- and 3-layer copies
+            (per-rank bytes are affine in the number of layers; the allocator's cached slack is the larger
+            sample's, as on one GPU).
 
     Raises:
         ValueError: an unknown strategy, or a process group already exists in this process (FSDP).
         RecipeError: the batch does not divide by gpus x accumulation steps; the recipe cannot apply under
-            FSDP (auto_micro_batch, fp16); or it does not fit the model.
+            FSDP (auto_micro_batch, fp16, an optimizer other than AdamW); or it does not fit the model.
     """
     t0 = time.perf_counter()
     if strategy not in STRATEGIES:
@@ -145,8 +166,10 @@ def estimate_sharded(
     per_rank = per_rank_batch(batch_size, gpus)
     micro = micro_batch_size(per_rank, recipe.gradient_accumulation_steps)
     if strategy == "ddp" or gpus == 1:
-        single = estimate_memory(model_or_config, recipe, per_rank, seq_len, profile, num_labels=num_labels)
+        single = estimate_memory(model_or_config, recipe, per_rank, seq_len, profile, num_labels=num_labels,
+                                 extrapolate_depth=extrapolate_depth)
         buckets = trainable_bytes(model_or_config, recipe, num_labels) if gpus > 1 else 0
+        reserved = None if single.reserved_bytes is None else single.reserved_bytes + bucket_reserved_bytes(buckets)
         return ShardedEstimate(
             peak_bytes=single.peak_bytes + buckets,
             parameters_bytes=single.parameters_bytes,
@@ -158,14 +181,27 @@ def estimate_sharded(
             strategy=strategy, gpus=gpus, batch_size=batch_size, per_rank_batch_size=per_rank, micro_batch_size=micro,
             seq_len=seq_len, model=single.model, recipe=recipe.name, device=profile.describe(),
             method=f"single-GPU {single.method} at the per-rank batch + DDP gradient buckets",
-            seconds=time.perf_counter() - t0,
+            seconds=time.perf_counter() - t0, reserved_bytes=reserved,
         )
     from tfmem.adapters.fsdp import recipe_problems
 
     if problems := recipe_problems(recipe):
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot apply under {strategy}")
     config, model_class, model_name = model_config_of(model_or_config, num_labels)
-    peak, split = fake_sharded_step(config, model_class, recipe, micro, seq_len, gpus, strategy, profile)
+    depth = num_layers_of(config)
+    if extrapolate_depth and depth > 3 and not recipe.freeze.layers:  # frozen layers: estimated at full depth
+        two, three = (_sampled(with_depth(config, d), model_class, recipe, micro, seq_len, gpus, strategy, profile)
+                      for d in (2, 3))
+        split = {k: two.split[k] + (depth - 2) * (three.split[k] - two.split[k]) for k in two.split}
+        peak = two.peak + (depth - 2) * (three.peak - two.peak)
+        # The allocator's cached slack does not grow with depth (see estimator._extrapolated): the larger sample's.
+        slack = None if two.reserved is None else max(two.reserved - two.peak, three.reserved - three.peak, 0)
+        reserved = None if slack is None else peak + slack
+        method = f"fake FSDP2 steps over a fake {gpus}-rank process group, 2- and 3-layer copies extrapolated to {depth} layers"
+    else:
+        step = _sampled(config, model_class, recipe, micro, seq_len, gpus, strategy, profile)
+        peak, split, reserved = step.peak, step.split, step.reserved
+        method = f"fake FSDP2 step over a fake {gpus}-rank process group"
     workspace = profile.library_workspace_bytes
     return ShardedEstimate(
         peak_bytes=peak + workspace,
@@ -177,9 +213,42 @@ def estimate_sharded(
         library_workspace_bytes=workspace,
         strategy=strategy, gpus=gpus, batch_size=batch_size, per_rank_batch_size=per_rank, micro_batch_size=micro,
         seq_len=seq_len, model=model_name, recipe=recipe.name, device=profile.describe(),
-        method=f"fake FSDP2 step over a fake {gpus}-rank process group",
+        method=method,
         seconds=time.perf_counter() - t0,
+        # As on one GPU (estimator.py): the workspace is one more cached block, and reserved is never below the peak.
+        reserved_bytes=None if reserved is None else max(reserved + workspace, peak + workspace),
     )
+
+
+@dataclass(frozen=True)
+class _SampledStep:
+    """A fake sharded step's peak, its split, and the reserved bytes its allocations replay to (None on CPU)."""
+
+    peak: int
+    split: dict[str, int]
+    reserved: int | None
+
+
+def _sampled(config: PretrainedConfig, model_class: type[nn.Module] | None, recipe: Recipe, micro: int, seq_len: int,
+             gpus: int, strategy: str, profile: DeviceProfile) -> _SampledStep:
+    log = AllocationLog() if profile.rounds_allocations else None
+    peak, split = fake_sharded_step(config, model_class, recipe, micro, seq_len, gpus, strategy, profile, log=log)
+    return _SampledStep(peak, split, None if log is None else simulate(log.events).peak_reserved_bytes)
+
+
+def bucket_reserved_bytes(bucket_bytes: int) -> int:
+    """What DDP's gradient buffer adds to one rank's reserved bytes: the segment it is allocated in.
+
+    With accelerate's defaults (`find_unused_parameters=False`) DDP's reducer starts with one bucket, a flat
+    buffer of every trainable gradient, allocated when the model is wrapped and kept; after the first step
+    it rebuilds 1 MiB and 25 MiB buckets in gradient order, carved from that buffer's cached segment once
+    it is freed. So the buffer's own segment is what stays reserved.
+
+    Example:
+        >>> bucket_reserved_bytes(3 << 20) == 20 << 20, bucket_reserved_bytes(0)   # 3 MiB: a 20 MiB segment
+        (True, 0)
+    """
+    return simulate([(0, bucket_bytes)]).peak_reserved_bytes if bucket_bytes > 0 else 0
 
 
 def trainable_bytes(model_or_config: Any, recipe: Recipe, num_labels: int = 2) -> int:
@@ -241,8 +310,14 @@ def fake_sharded_step(
     gpus: int,
     strategy: str,
     profile: DeviceProfile,
+    *,
+    log: AllocationLog | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """Peak live bytes of rank 0 and its split, over a steady-state FSDP2 step on fake tensors."""
+    """Peak live bytes of rank 0 and its split, over a steady-state FSDP2 step on fake tensors.
+
+    `log`, when given, is told of every allocation and free of the measured step, in order (for
+    `allocator.simulate`'s reserved figure).
+    """
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
@@ -271,14 +346,14 @@ def fake_sharded_step(
             trainable = [p for p in model.parameters() if p.requires_grad]
             if not trainable:
                 raise ValueError("the recipe freezes every parameter; there is nothing to train. Freeze fewer layers.")
-            optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
+            optimizer = _sharded_optimizer(recipe, trainable)
             batch = _batch(model, config, micro, seq_len)
             steps = recipe.gradient_accumulation_steps
             size_of = _rounding(profile)
             tracker = None
             for step in range(2):  # the second step is the steady state (AdamW state exists)
                 if step == 1:
-                    tracker = LiveBytes(size_of=size_of)
+                    tracker = LiveBytes(size_of=size_of, observer=log)
                     tracker.track(model, optimizer, batch)
                     tracker.__enter__()
                 for i in range(steps):
@@ -292,6 +367,13 @@ def fake_sharded_step(
             return tracker.peak_bytes, tracker.peak_breakdown
     finally:
         dist.destroy_process_group()
+
+
+def _sharded_optimizer(recipe: Recipe, trainable: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The recipe's optimizer over FSDP2's sharded parameters: AdamW, its state sharded with them (1/N each)."""
+    if recipe.optimizer.name != "adamw":  # refused before (recipe_problems): they fail on DTensors
+        raise RecipeError(f"`optimizer` {recipe.optimizer.name!r} cannot be estimated under FSDP; use `optimizer: adamw`.")
+    return torch.optim.AdamW(trainable, lr=1e-5, foreach=True)
 
 
 def _rounding(profile: DeviceProfile):

@@ -3,20 +3,32 @@
     plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus) -> ShardedPlan
     gpus_needed(model_or_config, batch_size, seq_len, budget_bytes) -> ShardedPlan | None
 
-Built on the per-rank estimate (`tfmem.estimate.sharding.per_rank`): the planner searches strategy,
-precision, checkpointing and accumulation the way the single-GPU planner searches recipes, and ranks the
-fitting ones by the speed model times a documented per-strategy factor. `gpus_needed` answers the
-single-GPU planner's "Nothing fits": the fewest GPUs on which FSDP's lowest-memory recipes would fit.
+Built on the per-rank estimate (`tfmem.estimate.sharding.per_rank`) and the single-GPU planner's search
+(`tfmem.estimate.search`): the same combinations of techniques (precision, tf32, checkpointing), each under
+every strategy that can run it, and the same best-first order over accumulation by predicted speed (the
+speed model times a documented per-strategy factor). A candidate fits as on one GPU: its rank's reserved
+bytes (the caching allocator's cache included) plus the overhead outside the allocator are within the
+budget on CUDA; its peak on CPU. `gpus_needed` answers the single-GPU planner's "Nothing fits": the fewest
+GPUs on which FSDP's lowest-memory recipes would fit.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.estimator import model_config_of
+from tfmem.estimate.search import (
+    SearchPoint,
+    best_first,
+    needed_bytes,
+    planner_recipe,
+    search_space,
+    speed_order,
+)
+from tfmem.estimate.search import accumulation_options as _accumulation_options
 from tfmem.estimate.sharding.per_rank import (
     STRATEGIES,
     ShardedEstimate,
@@ -35,7 +47,11 @@ STRATEGY_TIME = {"ddp": 1.0, "fsdp-grad-op": 1.05, "fsdp": 1.1}
 
 @dataclass(frozen=True)
 class ShardedCandidate:
-    """One (strategy, recipe) the sharded planner estimated; `needed_bytes` = peak + overhead."""
+    """One (strategy, recipe) the sharded planner estimated.
+
+    `needed_bytes` is what must fit, as on one GPU: the rank's reserved bytes + overhead on CUDA, its peak +
+    overhead on CPU; `headroom_bytes` = budget - needed_bytes.
+    """
 
     strategy: str
     recipe: Recipe
@@ -43,6 +59,7 @@ class ShardedCandidate:
     needed_bytes: int
     headroom_bytes: int
     relative_time: float
+    point: SearchPoint | None = field(default=None, compare=False, repr=False)
 
     @property
     def fits(self) -> bool:
@@ -56,7 +73,7 @@ class ShardedCandidate:
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "recipe": self.recipe.to_dict(), "summary": self.recipe.summary(),
                 "micro_batch_size": self.estimate.micro_batch_size, "peak_bytes": self.estimate.peak_bytes,
-                "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
+                "reserved_bytes": self.estimate.reserved_bytes, "needed_bytes": self.needed_bytes, "headroom_bytes": self.headroom_bytes,
                 "relative_time": round(self.relative_time, 4), "fits": self.fits, "extrapolated": self.extrapolated}
 
 
@@ -96,93 +113,77 @@ def plan_sharded(
     quick: bool = False,
     num_labels: int = 2,
 ) -> ShardedPlan:
-    """The fastest (strategy, recipe) whose per-GPU peak fits `budget_bytes` on each of `gpus` GPUs.
+    """The fastest (strategy, recipe) whose per-GPU memory fits `budget_bytes` on each of `gpus` GPUs.
 
     Keeps the global effective batch: each rank runs batch_size / gpus samples per step, split into
-    micro-batches by the recipe's accumulation. Searches precision (fp32 and the device's 16-bit mode;
-    fp16 is not offered under FSDP), checkpointing and accumulation for each strategy, estimating
-    2- and 3-layer copies and extrapolating to the full depth (per-rank bytes are affine in the number of
-    layers); the chosen one is re-estimated at full depth. Freezing is not searched here. `quick` tries
-    only the lowest-memory recipes (checkpointing and 16-bit where the device has it, no accumulation and
-    the most), to answer "does it fit at all?".
+    micro-batches by the recipe's accumulation. Searches what the single-GPU planner searches (precision,
+    tf32, checkpointing, accumulation: `tfmem.estimate.search`) under each strategy that can run it (fp16 is
+    not offered under FSDP), best first by predicted speed, keeping the fastest fitting recipe of each
+    (strategy, combination) for the table. Candidates are screened by depth extrapolation; the chosen one
+    is re-estimated at full depth, and if it does not fit then, the search goes on. "Fits" is as on one GPU:
+    reserved + `overhead_bytes` within the budget on CUDA (see `ShardedCandidate`). Freezing and lighter
+    optimizers are not searched here. `quick` tries only the lowest-memory recipes (FSDP's most sharded
+    strategy, checkpointing and 16-bit where the device has it, no accumulation and the most), to answer
+    "does it fit at all?".
 
     Raises:
         ValueError / RecipeError: as for `estimate_sharded`.
     """
-    from tfmem.estimate.fake_step import num_layers_of, with_depth
-    from tfmem.estimate.speed import SpeedModel
+    from tfmem.adapters.fsdp import recipe_problems
+    from tfmem.estimate.speed import ModelShape, SpeedModel
 
     t0 = time.perf_counter()
     profile = device_profile(device) if not isinstance(device, DeviceProfile) else device
     config, model_class, name = model_config_of(model_or_config, num_labels)
-    depth = num_layers_of(config)
     per_rank = per_rank_batch(batch_size, gpus)
     speed = SpeedModel()
-    sixteen = [m for m in profile.precisions() if m != "no"][:1]
-    steps_options = [s for s in range(1, per_rank + 1) if per_rank % s == 0]
+    shape = ModelShape.of(config)
     source = model_or_config if model_class is not None else config
+    estimates: dict[tuple, ShardedEstimate] = {}  # tf32 shares fp32's memory
 
-    def estimate(recipe: Recipe, strategy: str, exact: bool) -> ShardedEstimate:
-        if exact or depth <= 3 or strategy == "ddp":
-            return estimate_sharded(source, recipe, batch_size, seq_len, gpus, strategy, profile, num_labels=num_labels)
-        two, three = (estimate_sharded(with_depth(config, d) if model_class is None else _resized(model_or_config, d),
-                                       recipe, batch_size, seq_len, gpus, strategy, profile, num_labels=num_labels)
-                      for d in (2, 3))
-        grow = three.peak_bytes - two.peak_bytes
-        from dataclasses import replace
+    def recipe_of(point: tuple[str, SearchPoint], steps: int) -> Recipe:
+        return planner_recipe(name, batch_size, seq_len, steps, point[1])
 
-        return replace(two, peak_bytes=two.peak_bytes + (depth - 2) * grow, model=name,
-                       method=f"{two.method}, 2- and 3-layer copies extrapolated to {depth} layers")
+    def candidate(point: tuple[str, SearchPoint], steps: int, exact: bool) -> ShardedCandidate:
+        strategy, p = point
+        recipe = recipe_of(point, steps)
+        key = (strategy, steps, p.precision, p.checkpointing, p.frozen, p.optimizer, exact)
+        if key not in estimates:
+            estimates[key] = estimate_sharded(source, recipe, batch_size, seq_len, gpus, strategy, profile,
+                                              num_labels=num_labels, extrapolate_depth=not exact)
+        est = replace(estimates[key], recipe=recipe.name, model=name)
+        needed = needed_bytes(est.peak_bytes, est.reserved_bytes, overhead_bytes)
+        return ShardedCandidate(strategy, recipe, est, needed, budget_bytes - needed, relative_time(point, steps), p)
 
-    def candidate(strategy: str, recipe: Recipe, exact: bool = False) -> ShardedCandidate:
-        est = estimate(recipe, strategy, exact)
-        needed = est.peak_bytes + overhead_bytes
-        time_ = speed.relative_time(recipe, depth, per_rank, seq_len, profile) * STRATEGY_TIME[strategy]
-        return ShardedCandidate(strategy, recipe, est, needed, budget_bytes - needed, time_)
+    def relative_time(point: tuple[str, SearchPoint], steps: int) -> float:
+        strategy, p = point
+        return speed.relative_time(recipe_of(point, steps), shape, per_rank, seq_len, profile,
+                                   tf32=p.tf32) * STRATEGY_TIME[strategy]
 
-    fitting: list[ShardedCandidate] = []
-    tried: list[ShardedCandidate] = []
-    # FULL_SHARD needs the least memory, SHARD_GRAD_OP more, DDP the most: a (precision, checkpointing)
-    # that fits under none of FULL_SHARD's accumulation options is not tried under the others. Under FSDP
-    # accumulation is not monotonic: with gradient sync off FSDP2 keeps every unit's *unsharded* gradients
-    # between micro-batches, which can cost more than the activations it saves. So no accumulation is tried
-    # first, then the most, then the ones between.
-    order = [s for s in ("fsdp", "fsdp-grad-op", "ddp") if s in strategies]
-    hopeless: set[tuple[str, bool]] = set()
-    for strategy in order:
-        precisions = ["no", *[m for m in sixteen if not (strategy != "ddp" and m == "fp16")]]
-        if quick:
-            precisions = precisions[-1:]
-        for precision in precisions:
-            for checkpointing in (True,) if quick else (False, True):
-                if (precision, checkpointing) in hopeless:
-                    continue
-                found = False
-                middle = [] if quick else steps_options[1:-1]
-                for steps in [steps_options[0], *steps_options[1:][::-1][:1], *middle]:
-                    c = candidate(strategy, planned_recipe(name, batch_size, seq_len, steps, checkpointing, precision, 0))
-                    tried.append(c)
-                    if c.fits:
-                        fitting.append(c)
-                        found = True
-                        break
-                if not found and strategy == order[0]:
-                    hopeless.add((precision, checkpointing))
-    fitting.sort(key=lambda c: (round(c.relative_time, 6), c.needed_bytes))
-    chosen = None
-    # The chosen one goes back into the list at full depth, so the table's row and the Chosen line print
-    # the same figures; one that does not fit at full depth leaves the list (the closest may be it).
-    for c in list(fitting):
-        full = candidate(c.strategy, c.recipe, exact=True)
-        if full.fits:
-            chosen = full
-            fitting[fitting.index(c)] = full
-            break
-        fitting.remove(c)
-        tried.append(full)
-    closest = None if chosen or not tried else min(tried, key=lambda c: c.needed_bytes)
-    return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(), fitting,
-                       closest, chosen, time.perf_counter() - t0)
+    steps_options = _accumulation_options(per_rank)
+    # A bound first, so a strategy that cannot fit costs no fake step: every rank holds at least (its shard of)
+    # the fp32 weights, their gradients and two AdamW moments (4 x 4 bytes per parameter), and under DDP the
+    # reducer's copy of the gradients.
+    states = 4 * trainable_bytes(source, Recipe(), num_labels)
+    floor = {"ddp": states + states // 4, "fsdp": states // gpus, "fsdp-grad-op": states // gpus}
+    points = []
+    for strategy in (s for s in STRATEGIES if s in strategies):
+        if floor[strategy] + overhead_bytes > budget_bytes:
+            continue
+        combos = [p for p in search_space(profile)
+                  if strategy == "ddp" or not recipe_problems(recipe_of((strategy, p), 1))]  # no fp16 under FSDP
+        if quick:  # the least memory: checkpointing, the 16-bit mode where FSDP has it (else fp32)
+            combos = [p for p in combos if p.checkpointing and not p.tf32][-1:]
+        points += [(strategy, p) for p in combos]
+    if quick:  # and no accumulation, or the most
+        steps_options = sorted({steps_options[0], steps_options[-1]})
+    # Every (strategy, combination) gets a row when one of its accumulations fits, so `keep` is all of them.
+    found = best_first(speed_order(points, steps_options, relative_time), candidate, keep=len(points),
+                       confirm=lambda c: c.extrapolated)
+    tried = found.not_fitting
+    return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(),
+                       found.fitting, None if found.chosen or not tried else tried[0], found.chosen,
+                       time.perf_counter() - t0)
 
 
 def gpus_needed(
@@ -200,8 +201,7 @@ def gpus_needed(
 
     Returns that quick plan (`plan_sharded(..., quick=True)`), or None when none of the options fits.
     """
-    # A bound first, so a hopeless budget costs no fake step: every rank holds at least its shard of the
-    # fp32 weights, gradients and two AdamW moments (4 x 4 bytes per parameter, nothing frozen).
+    # The same bound as plan_sharded's, here so a hopeless number of GPUs costs nothing at all.
     states = 4 * trainable_bytes(model_or_config, Recipe(), num_labels)
     for gpus in options:
         if batch_size % gpus or states // gpus + overhead_bytes > budget_bytes:
@@ -213,23 +213,7 @@ def gpus_needed(
     return None
 
 
-def _resized(model: Any, depth: int) -> Any:
-    from tfmem.estimate.fake_step import with_depth
-
-    return with_depth(model.config, depth)
-
-
 def planned_recipe(model: str, batch: int, seq_len: int, steps: int, checkpointing: bool, precision: str,
                    frozen: int = 0) -> Recipe:
     """A recipe the sharded planner tries, named and described as the single-GPU planner names its own."""
-    recipe = Recipe(name="planned").replace(
-        gradient_accumulation_steps=steps,
-        gradient_checkpointing=checkpointing,
-        mixed_precision=precision,
-        freeze={"embeddings": frozen > 0, "layers": frozen},
-    )
-    short = model.rsplit("/", 1)[-1]
-    return recipe.replace(
-        name=f"{short}-b{batch}-s{seq_len}",
-        description=f"planned by tfmem for {short}, batch {batch}, seq {seq_len}: {recipe.summary()}",
-    )
+    return planner_recipe(model, batch, seq_len, steps, SearchPoint(precision, checkpointing, frozen))
