@@ -22,6 +22,21 @@ from tfmem.techniques.freezing import FreezeConfig, apply_freezing
 ON = CheckpointingConfig(enabled=True)
 
 
+# transformers 5.2x renamed `gradient_checkpointing_enable` / `is_gradient_checkpointing` to `activation_...`
+# (the old names kept, deprecated); the GPU machines have 5.17, which has only the old ones.
+def _transformers_checkpointing_enable(model: torch.nn.Module, **kwargs: object) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+def _transformers_says_checkpointed(model: torch.nn.Module) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
 def _grads(model: torch.nn.Module, inputs: dict) -> dict[str, torch.Tensor | None]:
     model.zero_grad(set_to_none=True)
     model(**inputs).loss.backward()
@@ -91,7 +106,7 @@ def test_tfmem_replaces_reentrant_checkpointing_that_transformers_set_up() -> No
     reference = build("bert", dtype=torch.float64)
     for m in (reference, model):
         apply_freezing(m, FreezeConfig(embeddings=True))
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    _transformers_checkpointing_enable(model, use_reentrant=True)
     model.disable_input_require_grads()  # what makes reentrant checkpointing fail silently
     apply_checkpointing(model, ON)
     inputs = batch(model)
@@ -199,8 +214,8 @@ def test_reapplying_after_freezing_more_unwraps_the_newly_frozen_layers(family: 
 
 def test_mpnet_is_checkpointed_although_transformers_refuses() -> None:
     model = build("mpnet")
-    with pytest.raises(ValueError, match="does not support activation checkpointing"):
-        model.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not support (activation|gradient) checkpointing"):
+        _transformers_checkpointing_enable(model)
     assert len(apply_checkpointing(model, ON)) == 3
 
 
@@ -209,7 +224,7 @@ def test_decoders_stop_caching_when_checkpointed() -> None:
     assert model.config.use_cache
     apply_checkpointing(model, ON)
     assert model.config.use_cache is False
-    assert model.is_activation_checkpointing
+    assert _transformers_says_checkpointed(model)
 
 
 def test_a_disabled_config_changes_nothing() -> None:
@@ -241,6 +256,6 @@ def test_naming_the_layers_checkpoints_an_unreadable_model_with_the_same_gradien
 def test_trainer_reports_the_model_as_checkpointed() -> None:
     # transformers reads `gradient_checkpointing` flags (e.g. to set DDP's find_unused_parameters).
     model = build("mpnet")
-    assert isinstance(model, tf.PreTrainedModel) and not model.is_activation_checkpointing
+    assert isinstance(model, tf.PreTrainedModel) and not _transformers_says_checkpointed(model)
     apply_checkpointing(model, ON)
-    assert model.is_activation_checkpointing
+    assert _transformers_says_checkpointed(model)

@@ -216,6 +216,8 @@ def test_a_second_sweep_into_the_same_output_is_refused_naming_the_first(tmp_pat
 
 @pytest.fixture
 def model_dir_with_tokenizer(tiny_model_dir):
+    # Its tests read a dataset file, which goes through `datasets`: the GPU machines may lack it (skip there).
+    pytest.importorskip("datasets", reason="the GPU machines may lack `datasets`")
     from pathlib import Path
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(100)]

@@ -7,12 +7,12 @@ import logging
 import pytest
 import torch
 import transformers as tf
-from _families import FAMILIES, Custom, batch, build, gpt2_lm, saved_inside
+from _families import FAMILIES, Custom, batch, build, count_runs, gpt2_lm, saved_inside
 from torch import nn
 
 from tfmem.errors import RecipeError
 from tfmem.techniques.architecture import ModulePaths, find_backbone
-from tfmem.techniques.checkpointing import CheckpointingConfig, apply_checkpointing
+from tfmem.techniques.checkpointing import CheckpointingConfig, GradientCheckpointingLayer, apply_checkpointing
 from tfmem.techniques.freezing import FreezeConfig, apply_freezing, freeze_problems
 
 UNSHARED = [f for f in FAMILIES if f != "albert"]
@@ -81,10 +81,16 @@ def test_the_frozen_prefix_keeps_no_activations_for_backward(family: str) -> Non
     with saved_inside(prefix) as saved:
         model(**inputs).loss.backward()
     assert saved == []
-    # The trainable layer does keep what its backward needs (checkpointed: its input, for the recompute).
-    with saved_inside(backbone.layers[2:]) as saved_after:
+    # The trainable layer does keep what its backward needs (checkpointed: its input, for the recompute), and is
+    # recomputed. transformers 5.17 (the GPU machines') checkpoints a layer around its whole `__call__`, hooks
+    # included, so the checkpoint's own hooks see the saved input there: only the recompute is visible.
+    layer = backbone.layers[2]
+    hooks_inside_checkpoint = (GradientCheckpointingLayer is not None and isinstance(layer, GradientCheckpointingLayer)
+                               and "__call__" in vars(GradientCheckpointingLayer))
+    with saved_inside([layer]) as saved_after, count_runs([layer]) as runs:
         model(**inputs).loss.backward()
-    assert len(saved_after) > 0
+    assert runs == [2]
+    assert len(saved_after) > 0 or hooks_inside_checkpoint
 
 
 def test_enable_input_require_grads_reattaches_the_frozen_prefix_so_tfmem_warns(caplog: pytest.LogCaptureFixture) -> None:

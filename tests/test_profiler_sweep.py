@@ -100,6 +100,8 @@ def test_bad_settings_are_refused_with_the_flag_named(tiny_model_dir):
 
 @pytest.fixture
 def model_dir_with_tokenizer(tiny_model_dir):
+    # Its tests read a dataset file, which goes through `datasets`: the GPU machines may lack it (skip there).
+    pytest.importorskip("datasets", reason="the GPU machines may lack `datasets`")
     from pathlib import Path
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(100)]
