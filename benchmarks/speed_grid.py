@@ -4,9 +4,10 @@
     python benchmarks/speed_grid.py --device cpu --quick --output /tmp/g.json # a dry run of the script
 
 Writes the format of ../shared/gpu-runs/2026-11-26-h200/speed-grid.json (so `benchmarks/speed_model.py
---grid FILE` can score it): a list of {"model", "ckpt", "prec", "micro", "step_s", "times", "peak"}, where
-`times` are the per-step seconds (one warm-up, then the timed steps), `step_s` the median of the timed
-ones and `peak` `torch.cuda.max_memory_allocated()` over them (None on CPU).
+--grid FILE` can score it): a list of {"model", "ckpt", "prec", "micro", "step_s", "times", "peak"}, plus
+"batch" and "seq_len" (that file has none: it is 32 x 512), where `times` are the per-step seconds (one
+warm-up, then the timed steps), `step_s` the median of the timed ones and `peak`
+`torch.cuda.max_memory_allocated()` over them (None on CPU).
 
 Each point is a plain PyTorch loop, as in that file: `AutoModelForSequenceClassification.from_config`,
 effective batch 32 at sequence 512 split into micro-batches (the loss scaled by micro/32), fused AdamW,
@@ -114,7 +115,10 @@ def main() -> None:
                     if time.perf_counter() - started > args.time_limit:
                         skipped += 1
                         continue
-                    point = {"model": short, "ckpt": ckpt, "prec": prec, "micro": micro}
+                    # batch and seq_len in every point: benchmarks/speed_model.py --grid reads them (the quick grid
+                    # is not the H200's 32 x 512)
+                    point = {"model": short, "ckpt": ckpt, "prec": prec, "micro": micro, "batch": batch,
+                             "seq_len": seq_len}
                     point.update(measure_point(model, args.device, prec, micro, batch, seq_len, config.vocab_size,
                                                warmup=1, timed=args.timed_steps))
                     points.append(point)
