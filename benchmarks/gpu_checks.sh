@@ -94,7 +94,7 @@ carried_wheels() {  # install $WHEELS/*.whl into $site and keep it on PYTHONPATH
   # Runs in this shell (not through `block`): it changes PYTHONPATH for every later block.
   local t0=$SECONDS rc=0 headline site="$scratch/site"
   local wheels=()
-  [[ -d "$WHEELS" ]] && mapfile -t wheels < <(find "$WHEELS" -maxdepth 1 -name '*.whl' | sort)
+  [[ -d "$WHEELS" ]] && mapfile -t wheels < <(find "$WHEELS" -maxdepth 1 -type f -name '*.whl' | sort)
   if ((${#wheels[@]} == 0)); then
     headline="no wheels in $WHEELS/ (benchmarks/gpu_wheels.sh): tests that need datasets skip"
     echo "== wheels: $headline" >>"$out/gpu.txt"
