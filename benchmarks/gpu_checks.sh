@@ -10,6 +10,10 @@
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_checks.sh
 # (OUT is set there, and the files written into it come back; no `| tail`: a pipeline killed at the limit
 # returns nothing. The script prints summary.txt last, so the reply's output_tail ends with it.)
+# Device time: ~1-2 min of start + at most ~8.3 min of this call out of 15 min leaves too little for a fresh
+# machine, but the machine stays warm ~30 s after the call: rerun at once, on it, only what failed, e.g.
+#   GPU_CHECKS_ONLY="wheels pytest-cuda" GPU_CHECKS_BUDGET_S=150 PYTHONUNBUFFERED=1 bash benchmarks/gpu_checks.sh
+# with timeout_s 180 (name `wheels` too, or the tests that need `datasets` skip), then give the machine back.
 #
 # A CPU rehearsal of the same plumbing (every block, CPU and tiny sizes, no nvidia-smi, no CUDA assertion;
 # the same <= 8 files): tests/test_gpu_checks.py runs it.

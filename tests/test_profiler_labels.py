@@ -41,6 +41,8 @@ def test_synthetic_labels_have_the_shape_and_dtype_of_each_head():
 
 
 def read(tmp_path, labels, num_labels, problem_type=None):
+    # Reading a file goes through `datasets`, which the GPU machines may lack: skip there, not fail.
+    pytest.importorskip("datasets", reason="the GPU machines may lack `datasets`")
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"text": f"text {i}", "label": y}) + "\n" for i, y in enumerate(labels)))
 
