@@ -47,6 +47,7 @@ from tfmem.estimate.kernels import CudaKernelTemporaries, cuda_dropout
 from tfmem.estimate.optimizer_state import fake_optimizer
 from tfmem.estimate.tracking import AllocationLog, device_live_bytes
 from tfmem.prepare import prepare
+from tfmem.profiler.batches import zero_labels
 from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.recipe import Recipe
 from tfmem.techniques.precision import autocast_dtype
@@ -258,7 +259,7 @@ def _batch(model: nn.Module, config: PretrainedConfig, size: int, seq_len: int) 
     }
     name = type(model).__name__
     if "SequenceClassification" in name:
-        batch["labels"] = torch.zeros((size,), dtype=torch.long)
+        batch["labels"] = zero_labels(size, config.num_labels, getattr(config, "problem_type", None))  # as its loss reads them
     else:  # token-level heads (MaskedLM, TokenClassification, CausalLM)
         batch["labels"] = torch.zeros((size, seq_len), dtype=torch.long)
     return batch

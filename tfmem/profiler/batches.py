@@ -67,6 +67,23 @@ def label_kind(num_labels: int, problem_type: str | None = None) -> str:
     return problem_type
 
 
+def zero_labels(size: int, num_labels: int, problem_type: str | None = None) -> torch.Tensor:
+    """Labels of value 0 for `size` samples, in the shape and dtype the head's loss takes (see `label_kind`):
+    class numbers (int64, one per sample), regression targets (float32, one per sample for one output, else
+    num_labels each) or multi-label targets (float32, num_labels each). `micro_batches` gives the same.
+
+    For a step whose memory, not its values, matters (the estimator's fake step).
+
+    Example:
+        >>> [(tuple(y.shape), str(y.dtype)) for y in (zero_labels(4, 2), zero_labels(4, 1), zero_labels(4, 3, MULTI_LABEL))]
+        [((4,), 'torch.int64'), ((4,), 'torch.float32'), ((4, 3), 'torch.float32')]
+    """
+    kind = label_kind(num_labels, problem_type)
+    if kind == SINGLE_LABEL:
+        return torch.zeros((size,), dtype=torch.long)
+    return torch.zeros((size,) if kind == REGRESSION and num_labels == 1 else (size, num_labels))
+
+
 def synthetic_samples(count: int, seq_len: int, vocab_size: int, num_labels: int = 2, seed: int = 0,
                       problem_type: str | None = None) -> list[Sample]:
     """`count` random samples of between seq_len/2 and seq_len real tokens, with random labels of the kind
