@@ -208,22 +208,31 @@ def seq_len_problem(config: PretrainedConfig, seq_len: int, model_name: str, fie
     return None
 
 
-def model_config(name_or_dir: str, num_labels: int = 2) -> PretrainedConfig:
-    """The configuration of `name_or_dir` (see `resolve`), set up for sequence classification."""
+def model_config(name_or_dir: str, num_labels: int | None = None) -> PretrainedConfig:
+    """The configuration of `name_or_dir` (see `resolve`), set up for sequence classification.
+
+    Args:
+        num_labels: the head's outputs; None keeps the configuration's own (a model folder's config.json may
+            say 1 for regression, or more classes; 2 for the known architectures), which agrees with the
+            folder's `problem_type`.
+    """
     config, _ = resolve(name_or_dir)
-    config.num_labels = num_labels
+    if num_labels is not None:
+        config.num_labels = num_labels
     return config
 
 
-def build_model(name_or_dir: str, num_labels: int = 2, **config_overrides: Any):
+def build_model(name_or_dir: str, num_labels: int | None = None, **config_overrides: Any):
     """A sequence-classification model and where it came from.
 
     Weights come from the directory when it has them; otherwise they are random (and the source says so).
+    `num_labels`: as for `model_config` (None: the configuration's own).
     """
     from transformers import AutoModelForSequenceClassification
 
     config, source = resolve(name_or_dir)
-    config.num_labels = num_labels
+    if num_labels is not None:
+        config.num_labels = num_labels
     for key, value in config_overrides.items():
         setattr(config, key, value)
     if source.path is not None and not source.random_weights:

@@ -242,7 +242,7 @@ def _cores_and_load() -> tuple[int, float]:
     return cores, load
 
 
-def _new_weights_note(source, config, num_labels: int) -> str:
+def _new_weights_note(source, config, num_labels: int | None) -> str:
     """Once, in tfmem's words, which weights the local checkpoint lacks (transformers' LOAD REPORT, which
     each row's process keeps quiet): usually just the new classification head, as in any fine-tuning."""
     if source.path is None or source.random_weights:
@@ -260,7 +260,8 @@ def _new_weights_note(source, config, num_labels: int) -> str:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        config.num_labels = num_labels
+        if num_labels is not None:
+            config.num_labels = num_labels
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(config)
         prefix = f"{model.base_model_prefix}."

@@ -136,7 +136,7 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
     import torch
 
     from tfmem.errors import is_out_of_memory
-    from tfmem.profiler.batches import micro_batches, synthetic_samples
+    from tfmem.profiler.batches import micro_batches, synthetic_samples, zero_labels
     from tfmem.recipe import Recipe
     from tfmem.techniques.precision import autocast_dtype
     from tfmem.zoo import build_model
@@ -164,12 +164,14 @@ def time_steps(model_name: str, recipe_data: dict[str, Any], batch_size: int, se
         accumulation = recipe.gradient_accumulation_steps
         micro = batch_size // accumulation
         vocab = model.config.vocab_size
+        num_labels, problem_type = model.config.num_labels, model.config.problem_type  # the labels its head reads
         if padded:
-            cpu_batch = micro_batches(synthetic_samples(micro, seq_len, vocab), micro, pad_to=seq_len)[0]
+            samples = synthetic_samples(micro, seq_len, vocab, num_labels, problem_type=problem_type)
+            cpu_batch = micro_batches(samples, micro, pad_to=seq_len)[0]
         else:
             cpu_batch = {"input_ids": torch.randint(0, vocab, (micro, seq_len)),
                          "attention_mask": torch.ones(micro, seq_len, dtype=torch.long),
-                         "labels": torch.zeros(micro, dtype=torch.long)}
+                         "labels": zero_labels(micro, num_labels, problem_type)}
         batch = {k: v.to(device) for k, v in cpu_batch.items()}
         times = []
         for i in range(warmup + steps):

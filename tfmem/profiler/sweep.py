@@ -73,6 +73,8 @@ class SweepSpec:
             tensor bytes; CUDA: the process's share of the GPU).
         seed: for the model's initial weights and the synthetic samples.
         threads: PyTorch CPU threads for each row (None: PyTorch's default).
+        num_labels: outputs of the classification head; None: the model configuration's own (a folder's
+            config.json, which may say regression or more classes; 2 for the known architectures).
         isolate: one fresh process per recipe (see tfmem/profiler/isolation.py); False runs them in this one.
     """
 
@@ -88,7 +90,7 @@ class SweepSpec:
     max_memory_bytes: int | None = None
     seed: int = 0
     include_baseline: bool = True
-    num_labels: int = 2
+    num_labels: int | None = None
     config_overrides: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     isolate: bool = True
@@ -272,13 +274,14 @@ def _samples(spec: SweepSpec, config, source) -> tuple[list[Sample], dict[str, A
     # Labels the head's loss can read: the model's config (its file, or config_overrides) may say regression
     # or multi-label classification (see batches.label_kind).
     problem_type = getattr(config, "problem_type", None)
+    num_labels = config.num_labels if spec.num_labels is None else spec.num_labels  # as build_model makes the head
     if spec.dataset is None:
         vocab = getattr(config, "vocab_size", 30522)
-        samples = synthetic_samples(count, spec.seq_len, vocab, spec.num_labels, seed=spec.seed, problem_type=problem_type)
+        samples = synthetic_samples(count, spec.seq_len, vocab, num_labels, seed=spec.seed, problem_type=problem_type)
         return samples, _data_fields(spec, samples)
     tokenizer = load_tokenizer(spec.model)
     info: dict[str, Any] = {}
-    samples = dataset_samples(spec.dataset, tokenizer, count, spec.seq_len, spec.num_labels,
+    samples = dataset_samples(spec.dataset, tokenizer, count, spec.seq_len, num_labels,
                               batch_size=spec.batch_size, info=info, problem_type=problem_type)
     return samples, _data_fields(spec, samples, info.get("rows"))
 
