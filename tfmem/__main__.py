@@ -1,5 +1,3 @@
-import sys
+from tfmem.cli import entry
 
-from tfmem.cli import main
-
-sys.exit(main())
+entry()
