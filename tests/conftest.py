@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# No estimate cache (tfmem/estimate/cache.py): a test must not read the user's, and a cached answer would
+# skip the fake step a test monkeypatches. tests/test_estimate_cache.py turns it on in a temporary folder.
+os.environ["TFMEM_CACHE"] = "0"
 
 import pytest
 import torch

@@ -29,8 +29,6 @@ backward, where torch-function modes are not active; the model's own attention c
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
 
 from tfmem.estimate.device import DeviceProfile
 
@@ -150,6 +148,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    # Imported here: transformers' modeling code takes about 2 s to import, and `attention_of` (all the
+    # estimator needs when its answer is cached) does not need it.
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
     for name, flash in ((AMPERE_PLUS, True), (PRE_AMPERE, False)):
         AttentionInterface.register(name, _forward(flash))
         AttentionMaskInterface.register(name, sdpa_mask)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from typing import TYPE_CHECKING
+
+from transformers import PretrainedConfig
 
 from tfmem.errors import RecipeError
+from tfmem.estimate import cache
 from tfmem.estimate.attention import attention_of
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.fake_step import PHASES, PhasePeak, StepMemory, num_layers_of, run_fake_step, with_depth
@@ -27,6 +30,10 @@ from tfmem.profiler.live_bytes import CATEGORIES
 from tfmem.recipe import Recipe
 from tfmem.techniques.accumulation import micro_batch_size
 from tfmem.zoo import model_config, seq_len_problem
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +158,19 @@ def estimate_memory(
     depth = num_layers_of(config)
     if recipe.freeze.layers > depth:
         raise RecipeError(f"`freeze.layers` is {recipe.freeze.layers} but {model_name} has {depth} layers; freeze at most {depth}.")
-    if extrapolate_depth:
+    # The fake steps' result is kept on disk (cache.py): a repeated estimate reads it instead.
+    material = None if cache.cache_dir() is None else \
+        cache.key(config, model_class, recipe, micro, seq_len, profile, padded, extrapolate_depth)
+    cached = None if material is None else cache.load(material)
+    if cached is not None:
+        step, method = cached
+    elif extrapolate_depth:
         step, method = _extrapolated(config, model_class, recipe, micro, seq_len, profile, padded)
     else:
         step = run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class, padded=padded)
         method = "fake step"
+    if material is not None and cached is None:
+        cache.store(material, step, method)
     phase_name, peak = max(step.phases.items(), key=lambda kv: kv[1].peak_bytes)
     split = peak.breakdown
     workspace = profile.library_workspace_bytes
@@ -198,12 +213,15 @@ def model_config_of(obj: Any, num_labels: int) -> tuple[PretrainedConfig, type[n
     if isinstance(obj, str):
         config = model_config(obj, num_labels=num_labels)
         return config, None, obj
-    if isinstance(obj, PreTrainedModel):
-        return obj.config, type(obj), getattr(obj.config, "name_or_path", "") or type(obj).__name__
     if isinstance(obj, PretrainedConfig):
         if getattr(obj, "num_labels", None) is None:
             obj.num_labels = num_labels
         return obj, None, getattr(obj, "name_or_path", "") or obj.model_type
+    # Looked up, not imported: a model has imported transformers' modeling code already, and a name or a
+    # config should not cost its import (about 2 s) when the estimate comes from the cache.
+    model_base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    if model_base is not None and isinstance(obj, model_base):
+        return obj.config, type(obj), getattr(obj.config, "name_or_path", "") or type(obj).__name__
     raise ValueError(
         f"`model_or_config` must be a transformers model, a config or a model name, got {type(obj).__name__}; "
         "for example estimate_memory('bert-base-uncased', 'bf16', 32, 128)."

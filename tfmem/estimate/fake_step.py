@@ -35,10 +35,11 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from tfmem.estimate.allocator import simulate
 from tfmem.estimate.attention import implementation_for
@@ -51,6 +52,9 @@ from tfmem.profiler.batches import zero_labels
 from tfmem.profiler.live_bytes import LiveBytes
 from tfmem.recipe import Recipe
 from tfmem.techniques.precision import autocast_dtype
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +217,10 @@ def run_fake_step(
 
 
 def _build(config: PretrainedConfig, model_class: type[nn.Module] | None, device: DeviceProfile) -> nn.Module:
+    # Imported here, where a model is built: transformers' modeling code takes about 2 s to import, and the
+    # estimator answers from its cache without it (see cache.py).
+    from transformers import AutoModelForSequenceClassification
+
     cls = model_class or AutoModelForSequenceClassification
     build = cls.from_config if cls is AutoModelForSequenceClassification else cls._from_config
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +42,6 @@ from tfmem.techniques._fields import type_problem
 from tfmem.techniques.architecture import Backbone, ModulePaths, find_backbone
 
 logger = logging.getLogger(__name__)
-
-try:  # transformers >= 4.52
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # older versions: every layer takes the generic path
-    GradientCheckpointingLayer = None  # type: ignore[assignment,misc]
 
 # Module-level, so it is the same object everywhere and deep-copies and pickles as a plain function.
 NON_REENTRANT_CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
@@ -175,7 +171,12 @@ def frozen_prefix(backbone: Backbone, frozen_layers: int) -> int:
 
 
 def _is_transformers_layer(layer: nn.Module) -> bool:
-    return GradientCheckpointingLayer is not None and isinstance(layer, GradientCheckpointingLayer)
+    # `transformers.modeling_layers.GradientCheckpointingLayer` (transformers >= 4.52; older versions: every
+    # layer takes the generic path), looked up rather than imported: a layer of that class has imported its
+    # module already, and importing it here would cost every user of this module transformers' modeling
+    # code (about 2 s), which `tfmem plan` answered from its cache and `tfmem recipes` never need.
+    layer_class = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
+    return layer_class is not None and isinstance(layer, layer_class)
 
 
 def _is_ours(forward: Any) -> bool:
