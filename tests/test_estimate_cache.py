@@ -112,6 +112,7 @@ def test_every_input_of_an_estimate_is_in_its_key(cache_on):
     "not json {",
     "",
     json.dumps({"key": "another", "method": "fake step", "step": {}}),
+    "OTHER_KEY",
     "TRUNCATE",
     "NO_CATEGORY",
     "STRING_BYTES",
@@ -126,6 +127,11 @@ def test_a_damaged_entry_is_ignored_and_written_again(cache_on, fake_steps, capl
     elif damage == "NO_CATEGORY":
         for phase in entry["step"]["phases"].values():
             phase["breakdown"].pop("gradients")
+        damage = json.dumps(entry)
+    elif damage == "OTHER_KEY":  # well formed, but written for another estimate (as a hash collision would be)
+        entry["key"]["seq_len"] = 64
+        for phase in entry["step"]["phases"].values():
+            phase["peak_bytes"] *= 2
         damage = json.dumps(entry)
     elif damage == "STRING_BYTES":
         first = next(iter(entry["step"]["phases"].values()))
