@@ -168,6 +168,27 @@ def test_an_unwritable_cache_folder_does_not_fail_the_command(tmp_path, monkeypa
     assert without_seconds(json.loads(capsys.readouterr().out)) == without_seconds(out)
 
 
+def test_a_cached_estimate_logs_the_warnings_the_computed_one_logged(cache_on, monkeypatch, caplog):
+    """A warning from inside the fake steps (a model without sdpa estimated with eager attention, say) is
+    part of the answer: it is kept with the entry and logged again when the entry is read."""
+    real = estimator.run_fake_step
+
+    def warning_step(*args, **kwargs):
+        logging.getLogger("tfmem.estimate.fake_step").warning("tfmem: estimating with %s (50%% of it)", "eager attention")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(estimator, "run_fake_step", warning_step)
+    with caplog.at_level(logging.WARNING):
+        computed = estimate_memory(cfg(), None, 4, 32, "cpu")
+    first = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    caplog.clear()
+    monkeypatch.setattr(estimator, "run_fake_step", real)
+    with caplog.at_level(logging.WARNING):
+        assert estimate_memory(cfg(), None, 4, 32, "cpu") == computed
+    assert first == [("tfmem.estimate.fake_step", logging.WARNING, "tfmem: estimating with eager attention (50% of it)")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == first
+
+
 def test_an_edit_to_tfmem_makes_every_entry_stale(cache_on, fake_steps, monkeypatch):
     estimate_memory(cfg(), None, 4, 32, "cpu")
     steps = len(fake_steps)

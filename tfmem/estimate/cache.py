@@ -20,13 +20,14 @@ costs later calls their speed, never an answer (one warning per process says so)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,10 @@ def key(config: Any, model_class: type | None, recipe: Any, micro_batch_size: in
 
 
 def load(material: dict[str, Any]) -> tuple[StepMemory, str] | None:
-    """The cached (step memory, method) for `material`, or None (no entry, cache off, or an entry unfit to use)."""
+    """The cached (step memory, method) for `material`, or None (no entry, cache off, or an entry unfit to use).
+
+    The warnings logged while the entry was computed are logged again (see `warnings_kept`).
+    """
     path = _path(material)
     if path is None:
         return None
@@ -104,19 +108,24 @@ def load(material: dict[str, Any]) -> tuple[StepMemory, str] | None:
         entry = json.loads(text)
         if entry["key"] != material:
             raise ValueError("it was written for another estimate")
-        return _step_from(entry["step"]), _text(entry["method"])
+        step, method = _step_from(entry["step"]), _text(entry["method"])
+        warned = [(_text(name), _bytes(level), _text(message)) for name, level, message in entry["warnings"]]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         logger.info("tfmem: ignoring the estimate cache entry %s (%s); estimating again", path, e or type(e).__name__)
         return None
+    for name, level, message in warned:
+        logging.getLogger(name).log(level, "%s", message)
+    return step, method
 
 
-def store(material: dict[str, Any], step: StepMemory, method: str) -> None:
-    """Keep (step, method) for `material`; a cache that cannot be written is warned about once, never raised."""
+def store(material: dict[str, Any], step: StepMemory, method: str, warned: Sequence[tuple[str, int, str]] = ()) -> None:
+    """Keep (step, method) for `material`, and the warnings its computation logged (`warnings_kept`); a cache
+    that cannot be written is warned about once, never raised."""
     global _warned_unwritable
     path = _path(material)
     if path is None:
         return
-    entry = {"key": material, "method": method, "step": {
+    entry = {"key": material, "method": method, "warnings": [list(w) for w in warned], "step": {
         "phases": {name: {"peak_bytes": p.peak_bytes, "breakdown": dict(p.breakdown)} for name, p in step.phases.items()},
         "per_module": dict(step.per_module),
         "reserved_bytes": step.reserved_bytes,
@@ -130,6 +139,26 @@ def store(material: dict[str, Any], step: StepMemory, method: str) -> None:
             logger.warning("tfmem: cannot write the estimate cache in %s (%s); estimates are not kept. Set "
                            "TFMEM_CACHE_DIR to a writable folder, or TFMEM_CACHE=0 to turn the cache off.",
                            path.parent.parent, e.strerror or e)
+
+
+@contextlib.contextmanager
+def warnings_kept() -> Iterator[list[tuple[str, int, str]]]:
+    """The warnings tfmem's loggers log inside the block, as (logger, level, message), to keep with an entry:
+    an estimate read from the cache says what the computed one said (a model estimated with eager attention
+    because it has no sdpa, say)."""
+    warned: list[tuple[str, int, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warned.append((record.name, record.levelno, record.getMessage()))
+
+    handler = Keep(logging.WARNING)
+    tfmem_logger = logging.getLogger("tfmem")
+    tfmem_logger.addHandler(handler)
+    try:
+        yield warned
+    finally:
+        tfmem_logger.removeHandler(handler)
 
 
 @functools.lru_cache(maxsize=1)

@@ -164,13 +164,15 @@ def estimate_memory(
     cached = None if material is None else cache.load(material)
     if cached is not None:
         step, method = cached
-    elif extrapolate_depth:
-        step, method = _extrapolated(config, model_class, recipe, micro, seq_len, profile, padded)
     else:
-        step = run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class, padded=padded)
-        method = "fake step"
-    if material is not None and cached is None:
-        cache.store(material, step, method)
+        with cache.warnings_kept() as warned:
+            if extrapolate_depth:
+                step, method = _extrapolated(config, model_class, recipe, micro, seq_len, profile, padded)
+            else:
+                step = run_fake_step(config, recipe, micro, seq_len, profile, model_class=model_class, padded=padded)
+                method = "fake step"
+        if material is not None:
+            cache.store(material, step, method, warned)
     phase_name, peak = max(step.phases.items(), key=lambda kv: kv[1].peak_bytes)
     split = peak.breakdown
     workspace = profile.library_workspace_bytes
