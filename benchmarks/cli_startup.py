@@ -15,8 +15,8 @@ shipped recipes, whose technique modules import torch, and is shown for scale.
 timed twice: a first call, with an empty estimate cache (a fresh `TFMEM_CACHE_DIR` each run, so it runs
 every fake step and imports transformers' modeling code), and a repeated call, whose estimates come
 from the cache the first call wrote (tfmem/estimate/cache.py). The plan's output is checked to be the
-same both ways. The tfmem imported is whichever `PYTHONPATH` gives (its folder is printed), so the same
-script times another checkout: `PYTHONPATH=../other python benchmarks/cli_startup.py`.
+same both ways. `--tfmem PATH` times another checkout (default: this script's), for before/after figures
+from one run of the machine: `python benchmarks/cli_startup.py --tfmem ../before --only plan`.
 
 The last line gives the plan's first-call and repeated medians and the slowest median of the `--help` and
 `--version` commands.
@@ -56,11 +56,15 @@ PROBE = (
 )
 
 
-def run_once(args: list[str], env_extra: dict[str, str] | None = None) -> tuple[float, bool, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_once(args: list[str], checkout: str, workdir: str, env_extra: dict[str, str] | None = None) -> tuple[float, bool, str]:
+    # In a folder of its own: `python -c` imports from the working directory before PYTHONPATH.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=checkout, **(env_extra or {}))
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, cwd=workdir)
     seconds = time.perf_counter() - started
     if "TORCH=" not in result.stderr or (args is PLAN and result.returncode not in (0, 1)):
         raise SystemExit(f"`tfmem {' '.join(args)}` failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -81,7 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", choices=("startup", "plan"), help="time only these rows (default: all)")
+    parser.add_argument("--tfmem", default=REPO, metavar="PATH", help="the checkout to time (default: this one)")
     options = parser.parse_args()
+    checkout = os.path.abspath(options.tfmem)
     names = [] if options.only == "plan" else list(COMMANDS)
     if options.only != "startup":
         names += [PLAN_FIRST, PLAN_AGAIN]
@@ -91,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tfmem-bench-") as tmp:
         warm = os.path.join(tmp, "warm")
         if options.only != "startup":
-            answers.add(_plan_answer(run_once(PLAN, {"TFMEM_CACHE_DIR": warm})[2]))  # fills the repeated call's cache
+            answers.add(_plan_answer(run_once(PLAN, checkout, tmp, {"TFMEM_CACHE_DIR": warm})[2]))  # fills the repeated call's cache
         for i in range(options.runs):
             for name in names:
                 if name == PLAN_FIRST:
@@ -100,14 +106,12 @@ def main() -> None:
                     args, extra = PLAN, {"TFMEM_CACHE_DIR": warm}
                 else:
                     args, extra = COMMANDS[name], None
-                seconds, imported, out = run_once(args, extra)
+                seconds, imported, out = run_once(args, checkout, tmp, extra)
                 times[name].append(seconds)
                 torch_imported[name] = imported
                 if args is PLAN:
                     answers.add(_plan_answer(out))
-    import tfmem
-
-    print(f"tfmem from {os.path.dirname(tfmem.__file__)}; {os.cpu_count()} CPUs; OMP_NUM_THREADS=1; "
+    print(f"tfmem from {checkout}; {os.cpu_count()} CPUs; OMP_NUM_THREADS=1; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'command':<26} {'median s':>9} {'slowest s':>10}  imports torch")
     for name, values in times.items():
