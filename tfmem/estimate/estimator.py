@@ -15,9 +15,7 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PretrainedConfig
 

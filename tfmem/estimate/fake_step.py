@@ -34,7 +34,6 @@ import copy
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
