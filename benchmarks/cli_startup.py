@@ -6,8 +6,8 @@
 
 Each command runs in a fresh process (`python -m tfmem ...`), as a user's shell would start it, with
 its output discarded; runs of different commands are interleaved so that load from other processes
-hits them alike. Prints the median and the slowest wall time per command, and whether the process
-imported torch. The goals: `--help` and `--version` under 1.5 s, and a command's own `--help`
+hits them alike. Prints the median and the slowest wall time per command, its median CPU time (user +
+system: what other processes' load hardly changes), and whether the process imported torch. The goals: `--help` and `--version` under 1.5 s, and a command's own `--help`
 (`tfmem profile --help`, `tfmem estimate --help`) as quick (issue 9); `tfmem recipes` validates the
 shipped recipes, whose technique modules import torch, and is shown for scale.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,16 +60,22 @@ PROBE = (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_once(args: list[str], checkout: str, workdir: str, env_extra: dict[str, str] | None = None) -> tuple[float, bool, str]:
+def run_once(args: list[str], checkout: str, workdir: str, env_extra: dict[str, str] | None = None
+             ) -> tuple[float, float, bool, str]:
+    """(wall seconds, CPU seconds, whether torch was imported, stdout) of one `tfmem ARGS` process."""
     # In a folder of its own: `python -c` imports from the working directory before PYTHONPATH.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=checkout, **(env_extra or {}))
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=workdir)
     seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time (user + system) hardly depends on other processes' load, where wall time does.
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if "TORCH=" not in result.stderr or (args is PLAN and result.returncode not in (0, 1)):
         raise SystemExit(f"`tfmem {' '.join(args)}` failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    return seconds, "TORCH=True" in result.stderr, result.stdout
+    return seconds, cpu, "TORCH=True" in result.stderr, result.stdout
 
 
 def _plan_answer(stdout: str) -> str:
@@ -92,12 +99,13 @@ def main() -> None:
     if options.only != "startup":
         names += [PLAN_FIRST, PLAN_AGAIN]
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
     torch_imported: dict[str, bool] = {}
     answers: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="tfmem-bench-") as tmp:
         warm = os.path.join(tmp, "warm")
         if options.only != "startup":
-            answers.add(_plan_answer(run_once(PLAN, checkout, tmp, {"TFMEM_CACHE_DIR": warm})[2]))  # fills the repeated call's cache
+            answers.add(_plan_answer(run_once(PLAN, checkout, tmp, {"TFMEM_CACHE_DIR": warm})[3]))  # fills the repeated call's cache
         for i in range(options.runs):
             for name in names:
                 if name == PLAN_FIRST:
@@ -106,16 +114,18 @@ def main() -> None:
                     args, extra = PLAN, {"TFMEM_CACHE_DIR": warm}
                 else:
                     args, extra = COMMANDS[name], None
-                seconds, imported, out = run_once(args, checkout, tmp, extra)
+                seconds, cpu, imported, out = run_once(args, checkout, tmp, extra)
                 times[name].append(seconds)
+                cpu_times[name].append(cpu)
                 torch_imported[name] = imported
                 if args is PLAN:
                     answers.add(_plan_answer(out))
     print(f"tfmem from {checkout}; {os.cpu_count()} CPUs; OMP_NUM_THREADS=1; "
           f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"{'command':<26} {'median s':>9} {'slowest s':>10}  imports torch")
+    print(f"{'command':<26} {'median s':>9} {'slowest s':>10} {'median CPU s':>13}  imports torch")
     for name, values in times.items():
-        print(f"{name:<26} {statistics.median(values):>9.2f} {max(values):>10.2f}  {'yes' if torch_imported[name] else 'no'}")
+        print(f"{name:<26} {statistics.median(values):>9.2f} {max(values):>10.2f} "
+              f"{statistics.median(cpu_times[name]):>13.2f}  {'yes' if torch_imported[name] else 'no'}")
     parts = []
     if PLAN_FIRST in times:
         print(f"plan: {' '.join(PLAN)}; its answer was {'the same in every run' if len(answers) == 1 else 'NOT the same in every run'}")
