@@ -6,8 +6,8 @@
 Data flow: the estimator runs the real model's training step on fake tensors with the recipe applied
 (fake_step.py), counted by the profiler's live-bytes tracker as the target device's allocator would
 count it (device.py, allocator.py, tracking.py), with what the target's kernels allocate where they differ
-from the CPU code the fake step runs (attention.py, kernels.py). The planner (plan.py, speed.py) searches
-recipes with it.
+from the CPU code the fake step runs (attention.py, kernels.py). Each estimate's fake-step result is kept on
+disk (cache.py), so a repeated one reads it. The planner (plan.py, speed.py) searches recipes with it.
 
 The names below are imported on first use (PEP 562 module `__getattr__`), as in `tfmem/__init__.py`:
 the estimator imports torch and transformers, and `tfmem estimate --help` needs only device.py's GPU
