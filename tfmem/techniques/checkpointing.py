@@ -179,6 +179,18 @@ def _is_transformers_layer(layer: nn.Module) -> bool:
     return layer_class is not None and isinstance(layer, layer_class)
 
 
+def __getattr__(name: str) -> Any:
+    """`GradientCheckpointingLayer` (None before transformers 4.52), imported when first asked for: see
+    `_is_transformers_layer` for why not at import."""
+    if name == "GradientCheckpointingLayer":
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:
+            return None
+        return GradientCheckpointingLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _is_ours(forward: Any) -> bool:
     return isinstance(forward, functools.partial) and forward.func is _checkpointed_forward
 
