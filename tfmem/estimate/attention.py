@@ -148,7 +148,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    # Imported here: transformers' modeling code takes about 2 s to import, and `attention_of` (all the
+    # Imported here: transformers' modeling code takes 1-2 s to import, and `attention_of` (all the
     # estimator needs when its answer is cached) does not need it.
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface

@@ -1,8 +1,8 @@
 """A small on-disk cache of fake-step results: a repeated estimate answers without running its fake steps.
 
 `tfmem plan` is usually run more than once for one model (another budget, another GPU, `--keep`), and
-each estimate it makes costs a few fake steps (about 0.3 s each for bert-large on 2 cores) plus the
-import of transformers' modeling code they need (about 2 s). An estimate found here costs neither.
+each estimate it makes costs a few fake steps (about 0.15 s each for bert-large on 2 cores) plus the
+import of transformers' modeling code they need (1-2 s). An estimate found here costs neither.
 
 What is kept: the step memory an estimate rests on (each phase's peak and split, each module's
 activations, the simulated reserved peak, and how the depth was handled), one JSON file per estimate,

@@ -218,7 +218,7 @@ def model_config_of(obj: Any, num_labels: int) -> tuple[PretrainedConfig, type[n
             obj.num_labels = num_labels
         return obj, None, getattr(obj, "name_or_path", "") or obj.model_type
     # Looked up, not imported: a model has imported transformers' modeling code already, and a name or a
-    # config should not cost its import (about 2 s) when the estimate comes from the cache.
+    # config should not cost its import (1-2 s) when the estimate comes from the cache.
     model_base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     if model_base is not None and isinstance(obj, model_base):
         return obj.config, type(obj), getattr(obj.config, "name_or_path", "") or type(obj).__name__

@@ -216,7 +216,7 @@ def run_fake_step(
 
 
 def _build(config: PretrainedConfig, model_class: type[nn.Module] | None, device: DeviceProfile) -> nn.Module:
-    # Imported here, where a model is built: transformers' modeling code takes about 2 s to import, and the
+    # Imported here, where a model is built: transformers' modeling code takes 1-2 s to import, and the
     # estimator answers from its cache without it (see cache.py).
     from transformers import AutoModelForSequenceClassification
 

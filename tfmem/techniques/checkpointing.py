@@ -174,7 +174,7 @@ def _is_transformers_layer(layer: nn.Module) -> bool:
     # `transformers.modeling_layers.GradientCheckpointingLayer` (transformers >= 4.52; older versions: every
     # layer takes the generic path), looked up rather than imported: a layer of that class has imported its
     # module already, and importing it here would cost every user of this module transformers' modeling
-    # code (about 2 s), which `tfmem plan` answered from its cache and `tfmem recipes` never need.
+    # code (1-2 s), which `tfmem plan` answered from its cache and `tfmem recipes` never need.
     layer_class = getattr(sys.modules.get("transformers.modeling_layers"), "GradientCheckpointingLayer", None)
     return layer_class is not None and isinstance(layer, layer_class)
 
