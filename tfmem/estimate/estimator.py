@@ -95,7 +95,7 @@ def estimate_memory(
     *,
     gpu: str | None = None,
     extrapolate_depth: bool = False,
-    num_labels: int = 2,
+    num_labels: int | None = None,
     padded: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of one training step of a model under a recipe, without allocating it.
@@ -110,7 +110,9 @@ def estimate_memory(
         gpu: a GPU name (t4, a100, ...) for its capability; implies cuda.
         extrapolate_depth: estimate a 2-4 layer copy and extrapolate to the full depth (faster for deep
             models; exact when layers are identical, as in BERT-family encoders).
-        num_labels: classification classes, for configs and names.
+        num_labels: the classification head's outputs, for names and model folders; None (default) keeps the
+            configuration's own: 2 for the known names, what a folder's config.json says (1 for regression,
+            5 classes, ...), as `tfmem profile` builds it. A config object keeps its own `num_labels`.
         padded: batches are padded to `seq_len` (an attention mask with zeros, as `tfmem profile`'s and
             most fine-tuning batches are). False: every sample fills `seq_len` (packed or truncated text);
             the mask is all ones, transformers drops it, and 16-bit attention runs the flash kernel.
@@ -207,14 +209,14 @@ def _recipe(recipe: Recipe | str | None) -> Recipe:
     return Recipe.load(recipe)
 
 
-def model_config_of(obj: Any, num_labels: int) -> tuple[PretrainedConfig, type[nn.Module] | None, str]:
+def model_config_of(obj: Any, num_labels: int | None = None) -> tuple[PretrainedConfig, type[nn.Module] | None, str]:
     """(config, model class or None for the sequence-classification default, display name) of a model,
     a config or a name `tfmem.zoo` knows."""
     if isinstance(obj, str):
         config = model_config(obj, num_labels=num_labels)
         return config, None, obj
     if isinstance(obj, PretrainedConfig):
-        if getattr(obj, "num_labels", None) is None:
+        if getattr(obj, "num_labels", None) is None and num_labels is not None:
             obj.num_labels = num_labels
         return obj, None, getattr(obj, "name_or_path", "") or obj.model_type
     # Looked up, not imported: a model has imported transformers' modeling code already, and a name or a

@@ -147,7 +147,7 @@ def estimate_for_dataset(
     truncate_at: int | None = None,
     budget_bytes: int | None = None,
     overhead_bytes: int | None = None,
-    num_labels: int = 2,
+    num_labels: int | None = None,
 ) -> DatasetEstimate:
     """Estimate a training step on `dataset` at its longest padded batch (see the module docstring).
 
@@ -213,7 +213,7 @@ class DatasetPlan:
 
 
 def plan_for_dataset(model: str, batch_size: int, dataset: str | Path, budget_bytes: int,
-                     device: DeviceProfile | str = "cuda", *, truncate_at: int | None = None, num_labels: int = 2,
+                     device: DeviceProfile | str = "cuda", *, truncate_at: int | None = None, num_labels: int | None = None,
                      **plan_kwargs: Any) -> DatasetPlan:
     """`plan` for `dataset`'s longest padded batch, and again at its p99 length (see the module docstring).
 

@@ -176,7 +176,7 @@ def plan(
     speed: SpeedModel | None = None,
     verify: bool = True,
     keep: int = 1,
-    num_labels: int = 2,
+    num_labels: int | None = None,
     padded: bool = True,
 ) -> Plan:
     """Find the fastest recipe that trains `batch_size` x `seq_len` within `budget_bytes`.
@@ -260,7 +260,7 @@ def with_lighter_optimizers(
     profile: DeviceProfile,
     optimizers: Sequence[str] = ("adamw-8bit", "adafactor"),
     *,
-    num_labels: int = 2,
+    num_labels: int | None = None,
 ) -> list[Candidate]:
     """When nothing fits: the closest candidate's techniques with each lighter optimizer, one estimate each.
 

@@ -138,7 +138,7 @@ def estimate_sharded(
     device: DeviceProfile | str = "cuda",
     *,
     gpu: str | None = None,
-    num_labels: int = 2,
+    num_labels: int | None = None,
     extrapolate_depth: bool = False,
 ) -> ShardedEstimate:
     """Predict one rank's peak memory for a training step spread over `gpus` GPUs.
@@ -251,7 +251,7 @@ def bucket_reserved_bytes(bucket_bytes: int) -> int:
     return simulate([(0, bucket_bytes)]).peak_reserved_bytes if bucket_bytes > 0 else 0
 
 
-def trainable_bytes(model_or_config: Any, recipe: Recipe, num_labels: int = 2) -> int:
+def trainable_bytes(model_or_config: Any, recipe: Recipe, num_labels: int | None = None) -> int:
     """Bytes of the parameters `recipe` leaves trainable (fp32): the size of DDP's gradient buckets.
 
     Built on the meta device (no memory), with the recipe's freezing applied.

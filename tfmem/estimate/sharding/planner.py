@@ -111,7 +111,7 @@ def plan_sharded(
     overhead_bytes: int = 0,
     strategies: tuple[str, ...] = STRATEGIES,
     quick: bool = False,
-    num_labels: int = 2,
+    num_labels: int | None = None,
 ) -> ShardedPlan:
     """The fastest (strategy, recipe) whose per-GPU memory fits `budget_bytes` on each of `gpus` GPUs.
 
@@ -195,7 +195,7 @@ def gpus_needed(
     *,
     overhead_bytes: int = 0,
     options: tuple[int, ...] = (2, 4, 8),
-    num_labels: int = 2,
+    num_labels: int | None = None,
 ) -> ShardedPlan | None:
     """The fewest GPUs (of `options`, dividing the batch) on which FSDP with its lowest-memory recipes fits.
 
