@@ -14,9 +14,8 @@ TINY = ["--model", "bert-tiny", "--batch-size", "8", "--seq-len", "16"]
 # -- 1. --gpus N refuses what the sharded path would ignore ------------------------------------------------
 
 @pytest.mark.parametrize("extra, flag", [
-    (["--allow-freeze", "1"], "--allow-freeze"), (["--allow-optimizer", "adafactor"], "--allow-optimizer"),
     (["--no-padding"], "--no-padding"), (["--keep", "3"], "--keep"), (["--measure"], "--measure"),
-])
+])  # --allow-freeze and --allow-optimizer are searched on N GPUs (tests/test_sharded_plan.py)
 def test_sharded_plan_refuses_options_it_would_ignore(extra, flag, capsys):
     rc = main(["plan", *TINY, "--budget", "1GiB", "--gpus", "2", *extra])
     err = capsys.readouterr().err

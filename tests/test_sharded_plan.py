@@ -113,3 +113,40 @@ def test_the_sharded_plan_searches_the_single_gpu_search_space_and_prints_reserv
     out = " ".join(capsys.readouterr().out.split())
     assert rc == 0 and "┃ reserved ┃" in out and "headroom: budget - reserved - overhead" in out
     assert " reserved), headroom " in out.split("Chosen:")[1]
+
+
+# -- --allow-freeze / --allow-optimizer on N GPUs (the shared search; they used to be refused with --gpus) --------
+
+def _on_two(model: str) -> list[str]:
+    return ["plan", "--model", model, "--batch-size", "4", "--seq-len", "16", "--device", "cpu", "--gpus", "2"]
+
+
+def test_allow_freeze_on_two_gpus_offers_a_frozen_recipe_where_nothing_else_fits(capsys):
+    # 30 MiB per process: bert-tiny's weights, gradients and AdamW state alone (70 MB) exceed it even halved by
+    # FSDP, so every recipe that trains the whole model is out; freezing the embeddings (most of its weights) and
+    # its 2 layers leaves so little to train that even DDP fits.
+    assert main([*_on_two("bert-tiny"), "--budget", "30MiB"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Nothing fits" in out and "--allow-freeze N" in out  # the single-GPU planner's hint
+    rc = main([*_on_two("bert-tiny"), "--budget", "30MiB", "--allow-freeze", "2"])
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
+    assert rc == 0 and "not supported with --gpus" not in captured.err, captured.err
+    chosen = out.split("Chosen:")[1]
+    assert "freeze embeddings, freeze 2 layers" in chosen.split("micro-batch")[0]
+    assert "--allow-freeze 2 (changes what is learned)" in out and "share a unit" in out  # FSDP2 handles the mix
+
+
+def test_allow_optimizer_on_two_gpus_is_searched_under_ddp_only_and_ranked_after_adamw(capsys):
+    import json
+
+    rc = main([*_on_two("bert-tiny"), "--budget", "1GiB", "--allow-optimizer", "adafactor", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "not supported with --gpus" not in captured.err, captured.err
+    rows = json.loads(captured.out)["fitting"]
+    optimizer = {(r["strategy"], r["recipe"].get("optimizer", "adamw")) for r in rows}
+    assert optimizer == {("ddp", "adamw"), ("ddp", "adafactor"), ("fsdp", "adamw"), ("fsdp-grad-op", "adamw")}
+    first = [r["recipe"].get("optimizer", "adamw") for r in rows].index("adafactor")
+    assert all(r["recipe"].get("optimizer", "adamw") == "adafactor" for r in rows[first:])  # it changes what is learned: last
+    assert main([*_on_two("bert-tiny"), "--budget", "1GiB", "--allow-optimizer", "adafactr"]) == 2
+    assert "adafactor" in capsys.readouterr().err  # a misspelt name is refused with the right one

@@ -47,13 +47,13 @@ def sharded_conflict(args: argparse.Namespace) -> str | None:
         # Checked here, not left to the estimator's RecipeError: it is the batch, not a recipe, that is wrong.
         return (f"--batch-size {args.batch_size} does not divide by --gpus {gpus}: each GPU runs batch / gpus "
                 f"samples; give a --batch-size that is a multiple of {gpus}.")
-    # (attribute, flag, its default): the sharded planner searches neither freezing nor optimizers, lists
-    # only the chosen recipe, does not measure, and estimates padded batches.
-    for name, flag, default in (("no_padding", "--no-padding", False), ("allow_freeze", "--allow-freeze", 0),
-                                ("allow_optimizer", "--allow-optimizer", ""), ("keep", "--keep", 1),
+    # (attribute, flag, its default): the sharded planner lists one row per (strategy, combination) whatever
+    # --keep says, does not measure, and estimates padded batches. (--allow-freeze and --allow-optimizer are
+    # searched: see plan_sharded.)
+    for name, flag, default in (("no_padding", "--no-padding", False), ("keep", "--keep", 1),
                                 ("measure", "--measure", None)):
         value = getattr(args, name, default)
-        if value != default and not (name == "allow_optimizer" and not str(value).strip()):
+        if value != default:
             return (f"{flag} is not supported with --gpus {gpus} yet (the sharded estimate and plan would ignore "
                     f"it); drop {flag}, or plan for one GPU without --gpus.")
     return None
@@ -93,7 +93,8 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
     from tfmem.estimate.sharding import plan_sharded
     from tfmem.profiler.units import format_bytes
 
-    result = plan_sharded(args.model, args.batch_size, args.seq_len, budget, args.gpus, profile, overhead_bytes=overhead)
+    result = plan_sharded(args.model, args.batch_size, args.seq_len, budget, args.gpus, profile, overhead_bytes=overhead,
+                          allow_freeze=args.allow_freeze, allow_optimizer=_allowed_optimizers(args))
     if args.output and result.chosen:
         result.chosen.recipe.to_yaml(args.output)
     if args.json:
@@ -117,15 +118,22 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
                       mark + headroom_text(c), f"{c.relative_time:.2f}")
     console.print(table)
     if any(c.extrapolated for c in result.fitting):
-        console.print("~: extrapolated from 2- and 3-layer copies of the model (a few seconds each); the chosen "
-                      "row is estimated at full depth.")
+        console.print("~: extrapolated from 2- and 3-layer copies of the model (and one with a frozen layer more "
+                      "when freezing; a few seconds each); the chosen row is estimated at full depth.")
+    for note in _learning_notes(args):
+        console.print(note)
     if cuda:
         console.print("reserved: predicted peak per GPU with the caching allocator's cache; headroom: budget - reserved "
                       "- overhead (the CUDA context), as for one GPU.")
     if result.chosen is None:
         c = result.closest
         console.print(f"[bold red]Nothing fits in {format_bytes(result.budget_bytes)} per GPU on {result.gpus} GPUs.[/]"
-                      + (f" Closest: {c.strategy}, {c.recipe.summary()}, needs {format_bytes(c.needed_bytes)}." if c else ""))
+                      + (f" Closest: {c.strategy}, {c.recipe.summary()}, needs {format_bytes(c.needed_bytes)}." if c else "")
+                      + " Try a shorter --seq-len, a smaller --batch-size"
+                      + ("" if args.allow_freeze else ", --allow-freeze N")
+                      + ", or more GPUs.")
+        # No --allow-optimizer hint (the single-GPU planner has one): lighter optimizers run under DDP only,
+        # where a rank keeps the whole model, gradients and buckets, more than FSDP's AdamW shards already tried.
         return 1
     c = result.chosen
     reserved = f" ({format_bytes(c.estimate.reserved_bytes)} reserved)" if c.estimate.reserved_bytes is not None else ""
@@ -138,6 +146,23 @@ def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, over
     console.print(f"Planned in {result.seconds:.1f} s. time: per sample relative to fp32 without techniques on one GPU; "
                   "fsdp x1.1 and fsdp-grad-op x1.05 over ddp for communication (documented defaults, not measured).")
     return 0
+
+
+def _allowed_optimizers(args: argparse.Namespace) -> list[str]:
+    return [n.strip() for n in getattr(args, "allow_optimizer", "").split(",") if n.strip()]
+
+
+def _learning_notes(args: argparse.Namespace) -> list[str]:
+    """What --allow-freeze / --allow-optimizer mean on N GPUs, printed when they are given."""
+    notes = []
+    if args.allow_freeze:
+        notes.append(f"--allow-freeze {args.allow_freeze} (changes what is learned): tried under every strategy, ranked "
+                     "after the recipes that freeze nothing; FSDP2 shards per parameter, so frozen and trainable "
+                     "parameters may share a unit (frozen: gathered for compute, no gradient, no optimizer state).")
+    if [n for n in _allowed_optimizers(args) if n != "adamw"]:
+        notes.append("--allow-optimizer (changes what is learned): tried under ddp only, ranked after AdamW; under "
+                     "FSDP these optimizers fail at their first step on sharded (DTensor) parameters.")
+    return notes
 
 
 def suggest_gpus(console: Console, args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> None:

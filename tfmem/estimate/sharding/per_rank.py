@@ -149,9 +149,9 @@ def estimate_sharded(
         gpus: processes / GPUs.
         strategy: "ddp", "fsdp" (FULL_SHARD) or "fsdp-grad-op" (SHARD_GRAD_OP).
         extrapolate_depth: estimate shallow copies and extrapolate to the full depth (the planner's
-            screening): DDP through `estimate_memory`'s extrapolation; FSDP from 2- and 3-layer copies
-            (per-rank bytes are affine in the number of layers; the allocator's cached slack is the larger
-            sample's, as on one GPU).
+            screening): DDP through `estimate_memory`'s extrapolation; FSDP from 2- and 3-layer copies, and
+            with frozen layers a copy with one more frozen layer (per-rank bytes are affine in the number of
+            trainable and of frozen layers; the allocator's cached slack is the largest sample's, as on one GPU).
 
     Raises:
         ValueError: an unknown strategy, or a process group already exists in this process (FSDP).
@@ -189,15 +189,28 @@ def estimate_sharded(
         raise RecipeError(problems, heading=f"Recipe {recipe.name!r} cannot apply under {strategy}")
     config, model_class, model_name = model_config_of(model_or_config, num_labels)
     depth = num_layers_of(config)
-    if extrapolate_depth and depth > 3 and not recipe.freeze.layers:  # frozen layers: estimated at full depth
-        two, three = (_sampled(with_depth(config, d), model_class, recipe, micro, seq_len, gpus, strategy, profile)
-                      for d in (2, 3))
-        split = {k: two.split[k] + (depth - 2) * (three.split[k] - two.split[k]) for k in two.split}
-        peak = two.peak + (depth - 2) * (three.peak - two.peak)
-        # The allocator's cached slack does not grow with depth (see estimator._extrapolated): the larger sample's.
-        slack = None if two.reserved is None else max(two.reserved - two.peak, three.reserved - three.peak, 0)
+    if recipe.freeze.layers > depth:
+        raise RecipeError(f"`freeze.layers` is {recipe.freeze.layers} but {model_name} has {depth} layers; freeze at most {depth}.")
+    samples = _depth_samples(depth, recipe.freeze.layers) if extrapolate_depth else None
+    if samples:
+        # Per-rank bytes are affine in the number of trainable and of frozen layers (identical layers, one unit
+        # each), as on one GPU (estimator._extrapolated): a base copy, and one more layer of each kind.
+        (f0, t0), slopes = samples
+        def run(f: int, t: int) -> _SampledStep:
+            r = recipe.replace(freeze={"layers": f}) if f != recipe.freeze.layers else recipe
+            return _sampled(with_depth(config, f + t), model_class, r, micro, seq_len, gpus, strategy, profile)
+
+        base = run(f0, t0)
+        more = [(extra, run(f, t)) for extra, (f, t) in slopes]
+        split = {k: base.split[k] + sum(extra * (m.split[k] - base.split[k]) for extra, m in more) for k in base.split}
+        peak = base.peak + sum(extra * (m.peak - base.peak) for extra, m in more)
+        # The allocator's cached slack does not grow with depth (see estimator._extrapolated): the largest sample's.
+        sampled = [base] + [m for _, m in more]
+        slack = None if base.reserved is None else max(max(s.reserved - s.peak for s in sampled), 0)
         reserved = None if slack is None else peak + slack
-        method = f"fake FSDP2 steps over a fake {gpus}-rank process group, 2- and 3-layer copies extrapolated to {depth} layers"
+        shapes = " and ".join(str(f + t) for f, t in [(f0, t0)] + [ft for _, ft in slopes])
+        method = (f"fake FSDP2 steps over a fake {gpus}-rank process group, {shapes}-layer copies extrapolated to "
+                  f"{depth} layers")
     else:
         step = _sampled(config, model_class, recipe, micro, seq_len, gpus, strategy, profile)
         peak, split, reserved = step.peak, step.split, step.reserved
@@ -218,6 +231,29 @@ def estimate_sharded(
         # As on one GPU (estimator.py): the workspace is one more cached block, and reserved is never below the peak.
         reserved_bytes=None if reserved is None else max(reserved + workspace, peak + workspace),
     )
+
+
+def _depth_samples(depth: int, frozen: int) -> tuple[tuple[int, int], list[tuple[int, tuple[int, int]]]] | None:
+    """The shallow copies a depth extrapolation samples: (frozen, trainable) layers of the base copy, and for
+    each kind of layer the model has more of, (how many more, the copy with one more); None when the copies
+    would be as deep as the model (estimate it at full depth).
+
+    Example:
+        >>> _depth_samples(24, 0), _depth_samples(24, 6)
+        (((0, 2), [(22, (0, 3))]), ((1, 2), [(16, (1, 3)), (5, (2, 2))]))
+        >>> _depth_samples(3, 0) is None
+        True
+    """
+    trainable = depth - frozen
+    f0, t0 = min(frozen, 1), min(trainable, 2)
+    if f0 + t0 + (frozen > f0) + (trainable > t0) >= depth:
+        return None
+    slopes = []
+    if trainable > t0:
+        slopes.append((trainable - t0, (f0, t0 + 1)))
+    if frozen > f0:
+        slopes.append((frozen - f0, (f0 + 1, t0)))
+    return (f0, t0), slopes
 
 
 @dataclass(frozen=True)

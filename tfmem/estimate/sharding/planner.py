@@ -4,9 +4,11 @@
     gpus_needed(model_or_config, batch_size, seq_len, budget_bytes) -> ShardedPlan | None
 
 Built on the per-rank estimate (`tfmem.estimate.sharding.per_rank`) and the single-GPU planner's search
-(`tfmem.estimate.search`): the same combinations of techniques (precision, tf32, checkpointing), each under
-every strategy that can run it, and the same best-first order over accumulation by predicted speed (the
-speed model times a documented per-strategy factor). A candidate fits as on one GPU: its rank's reserved
+(`tfmem.estimate.search`): the same combinations of techniques (precision, tf32, checkpointing, and when
+allowed freezing and lighter optimizers), each under every strategy that can run it, and the same
+best-first order over accumulation by predicted speed (the speed model times a documented per-strategy
+factor), recipes that change what is learned (freezing, then a lighter optimizer) ranked last as on one
+GPU. A candidate fits as on one GPU: its rank's reserved
 bytes (the caching allocator's cache included) plus the overhead outside the allocator are within the
 budget on CUDA; its peak on CPU. `gpus_needed` answers the single-GPU planner's "Nothing fits": the fewest
 GPUs on which FSDP's lowest-memory recipes would fit.
@@ -15,14 +17,17 @@ GPUs on which FSDP's lowest-memory recipes would fit.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tfmem.estimate.device import DeviceProfile, device_profile
 from tfmem.estimate.estimator import model_config_of
+from tfmem.estimate.fake_step import num_layers_of
 from tfmem.estimate.search import (
     SearchPoint,
     best_first,
+    lighter_optimizers,
     needed_bytes,
     planner_recipe,
     search_space,
@@ -112,6 +117,8 @@ def plan_sharded(
     strategies: tuple[str, ...] = STRATEGIES,
     quick: bool = False,
     num_labels: int | None = None,
+    allow_freeze: int = 0,
+    allow_optimizer: Sequence[str] = (),
 ) -> ShardedPlan:
     """The fastest (strategy, recipe) whose per-GPU memory fits `budget_bytes` on each of `gpus` GPUs.
 
@@ -121,13 +128,21 @@ def plan_sharded(
     not offered under FSDP), best first by predicted speed, keeping the fastest fitting recipe of each
     (strategy, combination) for the table. Candidates are screened by depth extrapolation; the chosen one
     is re-estimated at full depth, and if it does not fit then, the search goes on. "Fits" is as on one GPU:
-    reserved + `overhead_bytes` within the budget on CUDA (see `ShardedCandidate`). Freezing and lighter
-    optimizers are not searched here. `quick` tries only the lowest-memory recipes (FSDP's most sharded
+    reserved + `overhead_bytes` within the budget on CUDA (see `ShardedCandidate`).
+
+    `allow_freeze` and `allow_optimizer` are the single-GPU planner's (`plan`): they change what is learned,
+    so such recipes rank after every one that does not, and are chosen only when none of those fits.
+    Freezing is searched under every strategy (FSDP2 shards per parameter, so a unit may hold frozen and
+    trainable parameters: the frozen ones are gathered for compute and get no gradient, reduce-scatter or
+    optimizer state; the fake step runs exactly that). Lighter optimizers are searched under DDP only:
+    they fail on FSDP2's sharded parameters (`tfmem.adapters.fsdp.recipe_problems`). `quick` tries only the lowest-memory recipes (FSDP's most sharded
     strategy, checkpointing and 16-bit where the device has it, no accumulation and the most), to answer
     "does it fit at all?".
 
     Raises:
-        ValueError / RecipeError: as for `estimate_sharded`.
+        ValueError: `allow_freeze` outside 0..the model's depth, an unknown optimizer in `allow_optimizer`; and
+            as for `estimate_sharded`.
+        RecipeError: as for `estimate_sharded`.
     """
     from tfmem.adapters.fsdp import recipe_problems
     from tfmem.estimate.speed import ModelShape, SpeedModel
@@ -135,6 +150,10 @@ def plan_sharded(
     t0 = time.perf_counter()
     profile = device_profile(device) if not isinstance(device, DeviceProfile) else device
     config, model_class, name = model_config_of(model_or_config, num_labels)
+    depth = num_layers_of(config)
+    if not isinstance(allow_freeze, int) or isinstance(allow_freeze, bool) or not 0 <= allow_freeze <= depth:
+        raise ValueError(f"--allow-freeze must be between 0 and {name}'s {depth} layers, got {allow_freeze!r}.")
+    lighter = lighter_optimizers(allow_optimizer)  # checked here: a misspelt name is a ValueError with a suggestion
     per_rank = per_rank_batch(batch_size, gpus)
     speed = SpeedModel()
     shape = ModelShape.of(config)
@@ -161,25 +180,34 @@ def plan_sharded(
                                    tf32=p.tf32) * STRATEGY_TIME[strategy]
 
     steps_options = _accumulation_options(per_rank)
-    # A bound first, so a strategy that cannot fit costs no fake step: every rank holds at least (its shard of)
-    # the fp32 weights, their gradients and two AdamW moments (4 x 4 bytes per parameter), and under DDP the
-    # reducer's copy of the gradients.
-    states = 4 * trainable_bytes(source, Recipe(), num_labels)
-    floor = {"ddp": states + states // 4, "fsdp": states // gpus, "fsdp-grad-op": states // gpus}
+    # A bound first, so a combination that cannot fit costs no fake step: every rank holds at least (its shard
+    # of) the fp32 weights, the trainable parameters' gradients and, with AdamW, their two moments (AdamW and no
+    # freezing: 4 x 4 bytes per parameter; the lighter optimizers' state is counted as nothing), and under DDP
+    # the reducer's copy of the trainable gradients.
+    weights = trainable_bytes(source, Recipe(), num_labels)
+    trainable = {frozen: weights if not frozen else trainable_bytes(source, recipe_of(("ddp", SearchPoint(
+        "no", False, frozen)), 1), num_labels) for frozen in {0, allow_freeze}}
+
+    def floor(strategy: str, p: SearchPoint) -> int:
+        grads = trainable[p.frozen]
+        states = weights + grads + (2 * grads if p.optimizer == "adamw" else 0)
+        return states + grads if strategy == "ddp" else states // gpus
+
     points = []
     for strategy in (s for s in STRATEGIES if s in strategies):
-        if floor[strategy] + overhead_bytes > budget_bytes:
-            continue
-        combos = [p for p in search_space(profile)
-                  if strategy == "ddp" or not recipe_problems(recipe_of((strategy, p), 1))]  # no fp16 under FSDP
+        # Under FSDP: no fp16, no optimizer but AdamW (recipe_problems says why); `lighter` was checked above.
+        combos = [p for p in search_space(profile, allow_freeze, lighter)
+                  if floor(strategy, p) + overhead_bytes <= budget_bytes
+                  and (strategy == "ddp" or not recipe_problems(recipe_of((strategy, p), 1)))]
         if quick:  # the least memory: checkpointing, the 16-bit mode where FSDP has it (else fp32)
             combos = [p for p in combos if p.checkpointing and not p.tf32][-1:]
         points += [(strategy, p) for p in combos]
     if quick:  # and no accumulation, or the most
         steps_options = sorted({steps_options[0], steps_options[-1]})
     # Every (strategy, combination) gets a row when one of its accumulations fits, so `keep` is all of them.
-    found = best_first(speed_order(points, steps_options, relative_time), candidate, keep=len(points),
-                       confirm=lambda c: c.extrapolated)
+    # Recipes that change what is learned go last, whatever their speed, as in the single-GPU planner.
+    order = speed_order(points, steps_options, relative_time, rank=lambda pt: (pt[1].frozen > 0, pt[1].optimizer != "adamw"))
+    found = best_first(order, candidate, keep=len(points), confirm=lambda c: c.extrapolated)
     tried = found.not_fitting
     return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(),
                        found.fitting, None if found.chosen or not tried else tried[0], found.chosen,
