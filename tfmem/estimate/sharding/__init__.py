@@ -4,9 +4,9 @@
     plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus) -> ShardedPlan
     gpus_needed(model_or_config, batch_size, seq_len, budget_bytes) -> ShardedPlan | None
 
-Two ideas, two modules: per_rank.py predicts one rank's peak (a fake FSDP2 step over a fake process
-group; the single-GPU estimate plus DDP's gradient buckets), with the caching allocator's reserved bytes on
-CUDA; planner.py runs the single-GPU planner's search (estimate/search.py) over strategies with it, fits on
+Three modules: fake_step.py runs one FSDP2 step on fake tensors over a fake process group and counts
+rank 0's bytes; per_rank.py predicts one rank's peak from it (FSDP) or from the single-GPU estimate plus
+DDP's gradient buckets (DDP), with the caching allocator's reserved bytes on CUDA; planner.py runs the single-GPU planner's search (estimate/search.py) over strategies with it, fits on
 those reserved bytes as one GPU does, and says how many GPUs would fit. The names are re-exported here,
 where callers import them.
 """
