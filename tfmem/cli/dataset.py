@@ -100,8 +100,11 @@ def estimate_with_dataset(args: argparse.Namespace) -> int:
 
     try:
         profile = profile_from_args(args)
-        result = estimate_for_dataset(args.model, args.recipe, args.batch_size, args.dataset, profile,
-                                      truncate_at=args.seq_len)
+        from tfmem.cli.progress import status
+
+        with status("Estimating"):
+            result = estimate_for_dataset(args.model, args.recipe, args.batch_size, args.dataset, profile,
+                                          truncate_at=args.seq_len)
     except ValueError as e:
         print(f"tfmem estimate: error: {e}", file=sys.stderr)
         return 2
@@ -131,11 +134,15 @@ def estimate_with_dataset(args: argparse.Namespace) -> int:
 
 def plan_with_dataset(args: argparse.Namespace, budget: int, overhead: int | None, profile) -> int:
     """`tfmem plan --dataset FILE`: the plan for the longest padded batch; returns 1 when nothing fits."""
+    from tfmem.cli.progress import search_callback, status
     from tfmem.estimate.for_dataset import plan_for_dataset
     from tfmem.profiler.units import format_bytes
 
-    result = plan_for_dataset(args.model, args.batch_size, args.dataset, budget, profile, truncate_at=args.seq_len,
-                              allow_freeze=args.allow_freeze, overhead_bytes=overhead)
+    # Two searches when the p99 length is shorter than the longest row: the count starts again for the second.
+    with status("Planning") as update:
+        result = plan_for_dataset(args.model, args.batch_size, args.dataset, budget, profile, truncate_at=args.seq_len,
+                                  allow_freeze=args.allow_freeze, overhead_bytes=overhead,
+                                  progress=search_callback(update))
     chosen = result.plan.chosen
     if args.output and chosen:
         chosen.recipe.to_yaml(args.output)

@@ -85,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
         profile = profile_from_args(args)
         if getattr(args, "gpus", 1) != 1:
             return sharding.run_estimate(args, profile)
-        est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile,
-                              padded=not args.no_padding)
+        from tfmem.cli.progress import status
+
+        with status("Estimating"):
+            est = estimate_memory(args.model, args.recipe, args.batch_size, args.seq_len, profile,
+                                  padded=not args.no_padding)
     except ValueError as e:  # bad sizes, model or device names, or a RecipeError: one line, exit 2
         print(f"tfmem estimate: error: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from rich.table import Table
 from tfmem.cli import sharding
 from tfmem.cli.dataset import add_dataset_argument, dataset_conflict, phase_sentence, plan_with_dataset
 from tfmem.cli.estimate import add_device_arguments, add_padding_argument, profile_from_args
+from tfmem.cli.progress import search_callback, status
 from tfmem.zoo import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -93,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "gpus", None):
             cuda_overhead = 512 * 2**20 if profile.type == "cuda" else 0
             return sharding.run_plan(args, profile, budget, cuda_overhead if overhead is None else overhead)
-        result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
-                      allow_optimizer=[n.strip() for n in args.allow_optimizer.split(",") if n.strip()],
-                      overhead_bytes=overhead, keep=max(args.keep, args.measure or 0), padded=not args.no_padding)
+        with status("Planning") as update:
+            result = plan(args.model, args.batch_size, args.seq_len, budget, profile, allow_freeze=args.allow_freeze,
+                          allow_optimizer=[n.strip() for n in args.allow_optimizer.split(",") if n.strip()],
+                          overhead_bytes=overhead, keep=max(args.keep, args.measure or 0), padded=not args.no_padding,
+                          progress=search_callback(update))
     except SizeError as e:
         print(f"tfmem plan: error: {e}", file=sys.stderr)
         return 2
@@ -106,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.measure and result.fitting:
         from tfmem.estimate.measure import measure
 
-        measured = measure(result, args.measure)
+        with status("Measuring") as update:
+            measured = measure(result, args.measure, progress=None if update is None else lambda i, n, c: update(
+                f"recipe {i} of {n} ({c.recipe.summary()}, micro {c.estimate.micro_batch_size})"))
     chosen = result.chosen
     if measured:  # measured beats predicted: when none fits measured, nothing is chosen (or written)
         chosen = measured[0].candidate if measured[0].fits else None
@@ -192,7 +197,8 @@ def _optimizer_hint(args: argparse.Namespace, profile, result) -> str:
 
     if args.allow_optimizer.strip():
         return ""
-    fits = [c for c in with_lighter_optimizers(args.model, result, profile) if c.fits]
+    with status("Checking lighter optimizers"):
+        fits = [c for c in with_lighter_optimizers(args.model, result, profile) if c.fits]
     if not fits:
         return ""
     names = ",".join(c.recipe.optimizer.name for c in fits)

@@ -60,10 +60,12 @@ def sharded_conflict(args: argparse.Namespace) -> str | None:
 
 
 def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
+    from tfmem.cli.progress import status
     from tfmem.estimate.sharding import estimate_sharded
     from tfmem.profiler.units import format_bytes
 
-    est = estimate_sharded(args.model, args.recipe, args.batch_size, args.seq_len, args.gpus, args.strategy, profile)
+    with status(f"Estimating for {args.gpus} GPUs"):
+        est = estimate_sharded(args.model, args.recipe, args.batch_size, args.seq_len, args.gpus, args.strategy, profile)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return 0
@@ -90,11 +92,14 @@ def run_estimate(args: argparse.Namespace, profile: DeviceProfile) -> int:
 
 
 def run_plan(args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> int:
+    from tfmem.cli.progress import search_callback, status
     from tfmem.estimate.sharding import plan_sharded
     from tfmem.profiler.units import format_bytes
 
-    result = plan_sharded(args.model, args.batch_size, args.seq_len, budget, args.gpus, profile, overhead_bytes=overhead,
-                          allow_freeze=args.allow_freeze, allow_optimizer=_allowed_optimizers(args))
+    with status(f"Planning for {args.gpus} GPUs") as update:
+        result = plan_sharded(args.model, args.batch_size, args.seq_len, budget, args.gpus, profile, overhead_bytes=overhead,
+                              allow_freeze=args.allow_freeze, allow_optimizer=_allowed_optimizers(args),
+                              progress=search_callback(update))
     if args.output and result.chosen:
         result.chosen.recipe.to_yaml(args.output)
     if args.json:
@@ -167,10 +172,13 @@ def _learning_notes(args: argparse.Namespace) -> list[str]:
 
 def suggest_gpus(console: Console, args: argparse.Namespace, profile: DeviceProfile, budget: int, overhead: int) -> None:
     """After a single-GPU plan found nothing: say how many GPUs (sharded with FSDP) would fit."""
+    from tfmem.cli.progress import search_callback, status
     from tfmem.estimate.sharding import gpus_needed
     from tfmem.profiler.units import format_bytes
 
-    result = gpus_needed(args.model, args.batch_size, args.seq_len, budget, profile, overhead_bytes=overhead)
+    with status("Checking whether more GPUs would fit") as update:
+        result = gpus_needed(args.model, args.batch_size, args.seq_len, budget, profile, overhead_bytes=overhead,
+                             progress=search_callback(update))
     unit = "GPUs" if profile.type == "cuda" else "processes"  # a CPU run is sharded over processes
     if result is None or result.chosen is None:
         console.print(f"Sharding does not rescue it either: no recipe fits under FSDP on 2, 4 or 8 {unit} of this size.")

@@ -81,7 +81,8 @@ def gpu_problem(capability: tuple[int, int] | None) -> str | None:
     return None
 
 
-def measure(plan: Plan, k: int, run: Runner | None = None) -> list[Measurement]:
+def measure(plan: Plan, k: int, run: Runner | None = None,
+            progress: Callable[[int, int, Candidate], None] | None = None) -> list[Measurement]:
     """Time the `k` fastest fitting candidates of `plan` and return them re-ranked: those that fit when
     measured first, fastest measured first; then those that did not fit or did not run.
 
@@ -89,11 +90,15 @@ def measure(plan: Plan, k: int, run: Runner | None = None) -> list[Measurement]:
         plan: a plan (its `fitting` list, best first, is where candidates come from).
         k: how many to time.
         run: runs one candidate (default: `run_in_subprocess`); tests inject a fake.
+        progress: called as `(index from 1, how many, candidate)` before each candidate runs (the CLI shows it).
     """
     if run is None:  # padded batches are the runner's default: only packed text needs saying
         run = run_in_subprocess if plan.padded else functools.partial(run_in_subprocess, padded=False)
     out = []
-    for c in plan.fitting[:k]:
+    chosen = plan.fitting[:k]
+    for index, c in enumerate(chosen, 1):
+        if progress is not None:
+            progress(index, len(chosen), c)
         result = run(plan.model, c, plan.batch_size, plan.seq_len)
         if "error" in result:
             out.append(Measurement(c, None, None, None, False, result["error"]))

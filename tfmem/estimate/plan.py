@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,8 +40,10 @@ from tfmem.estimate.estimator import MemoryEstimate, estimate_memory, model_conf
 from tfmem.estimate.fake_step import num_layers_of
 from tfmem.estimate.search import (  # noqa: F401  (SearchPoint, search_space: imported from here too)
     SearchPoint,
+    SearchStep,
     accumulation_options,
     best_first,
+    describe_candidate,
     lighter_optimizers,
     needed_bytes,
     planner_recipe,
@@ -178,6 +180,7 @@ def plan(
     keep: int = 1,
     num_labels: int | None = None,
     padded: bool = True,
+    progress: Callable[[SearchStep], None] | None = None,
 ) -> Plan:
     """Find the fastest recipe that trains `batch_size` x `seq_len` within `budget_bytes`.
 
@@ -198,6 +201,8 @@ def plan(
         padded: batches padded to `seq_len` (default; an attention mask with zeros); False: every sample
             fills `seq_len`, the mask is all ones and transformers drops it (see `estimate_memory`).
             Every estimate of the plan, the full-depth confirmation included, uses it.
+        progress: called before each estimate with a `SearchStep` ("candidate 7 of at most 24 (...)"); the
+            CLI shows it on a terminal. None (default): nothing is called.
 
     Raises:
         ValueError: bad sizes, `allow_freeze` above the model's depth, unknown model or device.
@@ -245,7 +250,8 @@ def plan(
     order = speed_order(search_space(profile, allow_freeze, allow_optimizer), accumulation_options(batch_size),
                         relative_time, rank=lambda p: (p.frozen > 0, p.optimizer != "adamw"))
     found = best_first(order, candidate, keep=keep,
-                       confirm=lambda c: verify and c.headroom_bytes < verify_margin(c.needed_bytes))
+                       confirm=lambda c: verify and c.headroom_bytes < verify_margin(c.needed_bytes),
+                       progress=progress, describe=lambda p, steps: describe_candidate(p, batch_size // steps))
     # `fitting` is already in the queue's order (the chosen one first): re-sorting could put a tie first.
     fitting, not_fitting, chosen = found.fitting, found.not_fitting, found.chosen
     chosen_estimate = chosen.estimate if chosen else None

@@ -14,6 +14,8 @@ and how is here, once:
 - `needed_bytes`: what must fit: on CUDA the simulated reserved bytes of the caching allocator (allocator.py)
   plus the memory outside it (`overhead_bytes`), since the reserved figure is what runs out on a GPU; on
   CPU the live tensor peak.
+- `SearchStep` / `describe_candidate`: what `best_first` tells an optional `progress` callback before each estimate, so
+  the CLI can show where a search of seconds to minutes is (library code does not print: the caller renders).
 """
 
 from __future__ import annotations
@@ -153,12 +155,56 @@ class Search(Generic[C, P]):
         return sorted([*self.lowest.values(), *self.failed], key=lambda c: c.needed_bytes)
 
 
+@dataclass(frozen=True)
+class SearchStep:
+    """What `best_first` passes its `progress` callback just before an estimate.
+
+    Attributes:
+        index: the candidate's place in the search order, from 1.
+        total: how many candidates the order holds: an upper bound on the estimates, since the search stops at
+            its first fit (its `keep` fits) and skips a fitted combination's slower accumulations.
+        description: the candidate, for people: "fsdp, checkpointing, bf16, micro 16".
+        exact: True for the full-depth estimate that confirms a fit (`confirm`); False for a screening one.
+    """
+
+    index: int
+    total: int
+    description: str
+    exact: bool = False
+
+    def text(self) -> str:
+        """One line for a status display.
+
+        Example:
+            >>> SearchStep(7, 24, "checkpointing, bf16, micro 16").text()
+            'candidate 7 of at most 24 (checkpointing, bf16, micro 16)'
+        """
+        depth = ", confirming at full depth" if self.exact else ""
+        return f"candidate {self.index} of at most {self.total} ({self.description}{depth})"
+
+
+def describe_candidate(point: SearchPoint, micro_batch_size: int, strategy: str | None = None) -> str:
+    """A candidate in a few words, as `SearchStep.description` gives it.
+
+    Example:
+        >>> describe_candidate(SearchPoint("bf16", True), 16, "fsdp")
+        'fsdp, checkpointing, bf16, micro 16'
+    """
+    precision = "tf32" if point.tf32 else ("fp32" if point.precision == "no" else point.precision)
+    parts = [strategy or "", "checkpointing" if point.checkpointing else "", precision,
+             f"freeze {point.frozen} layers" if point.frozen else "",
+             point.optimizer if point.optimizer != "adamw" else "", f"micro {micro_batch_size}"]
+    return ", ".join(p for p in parts if p)
+
+
 def best_first(
     order: Iterable[tuple[P, int]],
     estimate: Callable[[P, int, bool], C],
     *,
     keep: int = 1,
     confirm: Callable[[C], bool] = lambda c: False,
+    progress: Callable[[SearchStep], None] | None = None,
+    describe: Callable[[P, int], str] = lambda point, steps: f"{point}, {steps} accumulation steps",
 ) -> Search[C, P]:
     """Estimate candidates in `order` until `keep` points have a fit; the first fit is the choice.
 
@@ -170,6 +216,8 @@ def best_first(
             accumulations are skipped once one fits).
         confirm: for the first fit only: whether to re-estimate it with `exact=True` before choosing it.
             One that does not fit then is `failed`, and the search goes on (its slower accumulations too).
+        progress: called with a `SearchStep` before each estimate (None: nothing is called); the CLI shows it.
+        describe: `(point, steps)` -> the `SearchStep.description` of that candidate.
 
     Example:
         >>> from types import SimpleNamespace as NS
@@ -182,18 +230,25 @@ def best_first(
     """
     found: Search[C, P] = Search()
     done: set[P] = set()
-    for point, steps in order:
+    order = list(order)  # its length is the progress's upper bound
+
+    def estimate_with_progress(index: int, point: P, steps: int, exact: bool) -> C:
+        if progress is not None:
+            progress(SearchStep(index, len(order), describe(point, steps), exact))
+        return estimate(point, steps, exact)
+
+    for index, (point, steps) in enumerate(order, 1):
         if len(done) >= max(keep, 1):
             break
         if point in done:
             continue
-        c = estimate(point, steps, False)
+        c = estimate_with_progress(index, point, steps, False)
         if not c.fits:
             if point not in found.lowest or c.needed_bytes < found.lowest[point].needed_bytes:
                 found.lowest[point] = c
             continue
         if found.chosen is None and confirm(c):
-            full = estimate(point, steps, True)
+            full = estimate_with_progress(index, point, steps, True)
             if not full.fits:
                 logger.info("tfmem: a candidate fits by extrapolation but not at full depth (%d bytes over); next",
                             -full.headroom_bytes)

@@ -17,7 +17,7 @@ GPUs on which FSDP's lowest-memory recipes would fit.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +26,9 @@ from tfmem.estimate.estimator import model_config_of
 from tfmem.estimate.fake_step import num_layers_of
 from tfmem.estimate.search import (
     SearchPoint,
+    SearchStep,
     best_first,
+    describe_candidate,
     lighter_optimizers,
     needed_bytes,
     planner_recipe,
@@ -119,6 +121,7 @@ def plan_sharded(
     num_labels: int | None = None,
     allow_freeze: int = 0,
     allow_optimizer: Sequence[str] = (),
+    progress: Callable[[SearchStep], None] | None = None,
 ) -> ShardedPlan:
     """The fastest (strategy, recipe) whose per-GPU memory fits `budget_bytes` on each of `gpus` GPUs.
 
@@ -137,7 +140,8 @@ def plan_sharded(
     optimizer state; the fake step runs exactly that). Lighter optimizers are searched under DDP only:
     they fail on FSDP2's sharded parameters (`tfmem.adapters.fsdp.recipe_problems`). `quick` tries only the lowest-memory recipes (FSDP's most sharded
     strategy, checkpointing and 16-bit where the device has it, no accumulation and the most), to answer
-    "does it fit at all?".
+    "does it fit at all?". `progress`, when given, is called before each estimate with a `SearchStep` (the CLI
+    shows it on a terminal).
 
     Raises:
         ValueError: `allow_freeze` outside 0..the model's depth, an unknown optimizer in `allow_optimizer`; and
@@ -207,7 +211,8 @@ def plan_sharded(
     # Every (strategy, combination) gets a row when one of its accumulations fits, so `keep` is all of them.
     # Recipes that change what is learned go last, whatever their speed, as in the single-GPU planner.
     order = speed_order(points, steps_options, relative_time, rank=lambda pt: (pt[1].frozen > 0, pt[1].optimizer != "adamw"))
-    found = best_first(order, candidate, keep=len(points), confirm=lambda c: c.extrapolated)
+    found = best_first(order, candidate, keep=len(points), confirm=lambda c: c.extrapolated, progress=progress,
+                       describe=lambda pt, steps: describe_candidate(pt[1], per_rank // steps, pt[0]))
     tried = found.not_fitting
     return ShardedPlan(name, gpus, batch_size, seq_len, budget_bytes, overhead_bytes, profile.describe(),
                        found.fitting, None if found.chosen or not tried else tried[0], found.chosen,
@@ -224,6 +229,7 @@ def gpus_needed(
     overhead_bytes: int = 0,
     options: tuple[int, ...] = (2, 4, 8),
     num_labels: int | None = None,
+    progress: Callable[[SearchStep], None] | None = None,
 ) -> ShardedPlan | None:
     """The fewest GPUs (of `options`, dividing the batch) on which FSDP with its lowest-memory recipes fits.
 
@@ -235,7 +241,8 @@ def gpus_needed(
         if batch_size % gpus or states // gpus + overhead_bytes > budget_bytes:
             continue
         result = plan_sharded(model_or_config, batch_size, seq_len, budget_bytes, gpus, device,
-                              overhead_bytes=overhead_bytes, strategies=("fsdp",), quick=True, num_labels=num_labels)
+                              overhead_bytes=overhead_bytes, strategies=("fsdp",), quick=True, num_labels=num_labels,
+                              progress=progress)
         if result.chosen is not None:
             return result
     return None
