@@ -36,9 +36,20 @@ def test_sharded_plan_names_the_strategy_in_its_progress():
 
 
 def test_plan_without_a_terminal_writes_nothing_to_stderr_and_the_same_json(capsys, monkeypatch):
+    import tfmem.estimate.plan as plan_module
+
+    given = []
+
+    def spy(*args, **kwargs):
+        given.append(kwargs["progress"])
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "plan", spy)
+    assert cli_progress.stderr_console().stderr  # the status goes to stderr, never stdout
     assert main([*PLAN, "--budget", "1GiB", "--json"]) == 0
     plain = capsys.readouterr()
-    assert plain.err == ""  # capsys's stderr is no terminal: no status at all
+    assert plain.err == ""  # capsys's stderr is no terminal: no status at all,
+    assert given == [None]  # and the search is not even asked for its progress
 
     shown = io.StringIO()
     monkeypatch.setattr(cli_progress, "stderr_console", lambda: Console(file=shown, force_terminal=True))
