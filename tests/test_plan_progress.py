@@ -70,6 +70,17 @@ def _without_seconds(out: str) -> str:
     return json.dumps(drop(json.loads(out)))
 
 
+def test_stdout_stays_stdout_while_the_status_shows(capsys, monkeypatch):
+    shown = io.StringIO()
+    monkeypatch.setattr(cli_progress, "stderr_console", lambda: Console(file=shown, force_terminal=True))
+    with cli_progress.status("Planning") as update:
+        update("candidate 1 of at most 2 (fp32, micro 1)")
+        print("printed meanwhile")
+    assert capsys.readouterr().out == "printed meanwhile\n"
+    assert "Planning: candidate 1 of at most 2 (fp32, micro 1)" in shown.getvalue()
+    assert "printed meanwhile" not in shown.getvalue()
+
+
 @pytest.mark.parametrize("extra, label", [(["--budget", "1MiB"], "Planning: candidate 1 of at most "),
                                           (["--budget", "1GiB", "--gpus", "2"], "Planning for 2 GPUs: candidate 1 of at most ")])
 def test_plan_on_a_terminal_shows_the_candidate_being_estimated(capsys, monkeypatch, extra, label):

@@ -26,10 +26,16 @@ def status(label: str) -> Iterator[Callable[[str], None] | None]:
     if not console.is_terminal:
         yield None
         return
-    # transient: the line is erased when the block ends, so the command's own output reads as before.
-    with console.status(f"{label}...", spinner="dots") as shown:
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    spinner = Spinner("dots", f"{label}...", style="status.spinner")
+    # transient: the line is erased when the block ends, so the command's own output reads as before. Not
+    # `console.status`: its Live redirects sys.stdout into this (stderr) console, and stdout must stay stdout.
+    with Live(spinner, console=console, transient=True, refresh_per_second=12.5, redirect_stdout=False) as live:
         def update(text: str) -> None:
-            shown.update(f"{label}: {text}")
+            spinner.update(text=f"{label}: {text}")
+            live.refresh()  # now, not at the next tick: a fast estimate would otherwise never be shown
 
         yield update
 
